@@ -1,0 +1,274 @@
+"""Settings: one frozen dataclass, read from ``IMGPIPE_*`` variables, overridden by flags.
+
+Every endpoint, port, limit and pool size lives here, with its unit in the name or the
+doc. ``Settings.from_env(os.environ)`` reads the environment (``IMGPIPE_`` + the field
+name in upper case: ``data_dir`` is ``IMGPIPE_DATA_DIR``); ``with_overrides(**flags)``
+applies command-line flags; ``validate()`` says what to change when a value is wrong.
+Nothing builds settings at import time: ``main()`` builds them and passes them down.
+
+Endpoints are full ZeroMQ URLs that a *connecting* peer uses. Stable nodes (ventilator,
+sink, dashboard) bind the same port on ``bind_host`` (loopback by default, ``0.0.0.0``
+in containers): see :meth:`Settings.bind_url`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from core.errors import ConfigError
+
+PREFIX = "IMGPIPE_"
+MB = 1024 * 1024
+
+
+def _doc(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a component needs to know, with documented defaults."""
+
+    # --- storage -------------------------------------------------------------------
+    data_dir: Path = _doc("job store (SQLite) and image files", Path("data"))
+
+    # --- network: stable nodes bind these ports on bind_host ----------------------
+    bind_host: str = _doc("interface stable nodes bind (0.0.0.0 in containers)", "127.0.0.1")
+    intake_endpoint: str = _doc("gateway -> ventilator job notices (ventilator binds PULL)",
+                                "tcp://127.0.0.1:5550")
+    light_task_endpoint: str = _doc("ventilator -> workers, light tasks (ventilator binds PUSH)",
+                                    "tcp://127.0.0.1:5551")
+    heavy_task_endpoint: str = _doc("ventilator -> workers, heavy tasks (ventilator binds PUSH)",
+                                    "tcp://127.0.0.1:5552")
+    result_endpoint: str = _doc("workers -> sink results (sink binds PULL)", "tcp://127.0.0.1:5553")
+    event_endpoint: str = _doc("sink completion events (sink binds PUB)", "tcp://127.0.0.1:5554")
+    control_endpoint: str = _doc("registry and stats queries (ventilator binds ROUTER)",
+                                 "tcp://127.0.0.1:5555")
+    bus_endpoint: str = _doc("heartbeats, claims, metrics into the ventilator (binds SUB)",
+                             "tcp://127.0.0.1:5556")
+    dashboard_bus_endpoint: str = _doc(
+        "heartbeats and metrics into the dashboard (dashboard binds SUB); empty: none",
+        "tcp://127.0.0.1:5557")
+    gateway_host: str = _doc("interface the HTTP gateway listens on", "127.0.0.1")
+    gateway_port: int = _doc("HTTP gateway port", 8000)
+    dashboard_port: int = _doc("Streamlit dashboard port", 8501)
+    gateway_url: str = _doc("where clients and the dashboard reach the gateway",
+                            "http://127.0.0.1:8000")
+    curve_server_secret_file: str = _doc(
+        "CURVE: stable nodes' secret key file (zmq.auth format); empty: no encryption", "")
+    curve_server_public_file: str = _doc("CURVE: stable nodes' public key file", "")
+    curve_client_secret_file: str = _doc("CURVE: connecting peers' secret key file", "")
+    curve_client_public_file: str = _doc("CURVE: connecting peers' public key file", "")
+    curve_authorized_dir: str = _doc(
+        "CURVE: folder of public keys allowed to connect; empty: any client with the server key",
+        "")
+
+    # --- limits -------------------------------------------------------------------
+    max_upload_bytes: int = _doc("largest request body, bytes (checked on Content-Length)",
+                                 50 * MB)
+    max_pixels: int = _doc("largest image, pixels (checked from the header)", 50_000_000)
+    max_images: int = _doc("images per job", 16)
+    max_chains: int = _doc("ops chains per job", 16)
+    max_filters: int = _doc("filters per chain", 12)
+    max_message_bytes: int = _doc("ZMQ_MAXMSGSIZE on every receiving socket, bytes", 64 * MB)
+    queue_limit: int = _doc("outputs queued or running before the gateway answers 503", 2000)
+    max_wait_s: float = _doc("longest ?wait a client may ask for, seconds", 120.0)
+
+    # --- scheduling and liveness ----------------------------------------------------
+    task_timeout_s: float = _doc("lease of one dispatched task before it is re-dispatched, s",
+                                 60.0)
+    max_attempts: int = _doc("dispatches of one task before it is marked failed", 3)
+    heartbeat_interval_s: float = _doc("worker heartbeat period, seconds", 1.0)
+    heartbeat_liveness: int = _doc("missed heartbeats before a worker is declared lost", 5)
+    lost_visible_s: float = _doc("how long a lost worker stays listed, seconds", 60.0)
+    rescan_interval_s: float = _doc("ventilator re-reads the job store this often, seconds", 1.0)
+    metrics_interval_s: float = _doc("metrics publish period, seconds", 1.0)
+
+    # --- worker -------------------------------------------------------------------
+    worker_processes: int = _doc("filter processes per worker (process pool size)", 1)
+    worker_threads: int = _doc("decode/encode threads per worker", 2)
+    worker_slots: int = _doc("tasks a worker holds at once (decoding, filtering, encoding)", 2)
+    worker_serves: str = _doc("cost classes a worker takes: light, heavy or all", "all")
+
+    # --- gateway ------------------------------------------------------------------
+    gateway_workers: int = _doc("gunicorn worker processes", 2)
+    gateway_threads: int = _doc("threads per gunicorn worker", 16)
+    gateway_timeout_s: float = _doc("longest a request may take to arrive (slow clients), s",
+                                    30.0)
+
+    # --- local stack --------------------------------------------------------------
+    workers: int = _doc("workers the local stack starts", 3)
+    autoscale: str = _doc("MIN:MAX workers for the local autoscaler; empty: advice only", "")
+
+    # --- diagnostics and tests ------------------------------------------------------
+    log_level: str = _doc("logging level", "INFO")
+    test_hooks: bool = _doc("enable test-only filters and delays (never in production)", False)
+    worker_delay_ms: int = _doc("test hook: extra delay per task in a worker, ms", 0)
+
+    # ------------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``IMGPIPE_*`` variables; unknown ``IMGPIPE_*`` names are errors."""
+        env = os.environ if environ is None else environ
+        known = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in env.items():
+            if not key.startswith(PREFIX):
+                continue
+            name = key[len(PREFIX):].lower()
+            if name in _NOT_SETTINGS:
+                continue
+            if name not in known:
+                raise ConfigError(f"{key} is not a setting; see `imgpipe config` for the list",
+                                  field=key)
+            values[name] = _parse(name, raw)
+        return cls(**values)
+
+    def with_overrides(self, **flags: Any) -> Settings:
+        """A copy with the given fields replaced; ``None`` means 'flag not given'."""
+        return dataclasses.replace(self, **{k: v for k, v in flags.items() if v is not None})
+
+    def validate(self) -> Settings:
+        """Raise ConfigError naming the variable and what to change; return self when fine."""
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"{PREFIX}{name.upper()}={getattr(self, name)!r}: {what}",
+                                  field=name)
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_endpoint") and value:
+                need(urlsplit(value).scheme in ("tcp", "ipc", "inproc"), f.name,
+                     "use a ZeroMQ URL such as tcp://127.0.0.1:5551 or ipc:///tmp/x")
+                if value.startswith("tcp://"):
+                    need(_port(value) is not None, f.name, "give a port, as in tcp://host:5551")
+        for name in ("gateway_port", "dashboard_port"):
+            need(0 <= getattr(self, name) < 65536, name, "use a port from 1 to 65535 (0: any)")
+        for name in ("max_upload_bytes", "max_pixels", "max_images", "max_chains",
+                     "max_filters", "max_message_bytes", "queue_limit", "max_attempts",
+                     "heartbeat_liveness", "worker_processes", "worker_threads",
+                     "worker_slots", "gateway_workers", "gateway_threads"):
+            need(getattr(self, name) >= 1, name, "use a whole number of at least 1")
+        for name in ("task_timeout_s", "heartbeat_interval_s", "rescan_interval_s",
+                     "metrics_interval_s", "gateway_timeout_s", "max_wait_s"):
+            need(getattr(self, name) > 0, name, "use a positive number of seconds")
+        need(self.max_message_bytes > self.max_upload_bytes, "max_message_bytes",
+             "make it larger than IMGPIPE_MAX_UPLOAD_BYTES so an accepted image fits a message")
+        need(self.worker_serves in ("light", "heavy", "all"), "worker_serves",
+             "use light, heavy or all")
+        need(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+             "use DEBUG, INFO, WARNING or ERROR")
+        if self.autoscale:
+            need(parse_range(self.autoscale) is not None, "autoscale",
+                 "use MIN:MAX with 1 <= MIN <= MAX, e.g. 1:6")
+        curve = (self.curve_server_public_file, self.curve_server_secret_file)
+        need(all(curve) or not any(curve), "curve_server_public_file",
+             "set both CURVE server key files, or neither")
+        return self
+
+    # --- derived ----------------------------------------------------------------------
+    def bind_url(self, endpoint: str) -> str:
+        """The URL a stable node binds for ``endpoint``: same port, on ``bind_host``."""
+        if not endpoint.startswith("tcp://"):
+            return endpoint
+        host = "*" if self.bind_host in ("0.0.0.0", "*") else self.bind_host
+        return f"tcp://{host}:{_port(endpoint)}"
+
+    @property
+    def bus_endpoints(self) -> tuple[str, ...]:
+        """Every SUB endpoint a publisher connects its PUB socket to."""
+        return tuple(e for e in (self.bus_endpoint, self.dashboard_bus_endpoint) if e)
+
+    @property
+    def curve_enabled(self) -> bool:
+        return bool(self.curve_server_public_file and self.curve_server_secret_file)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def liveness_s(self) -> float:
+        """Seconds without a heartbeat before a worker is declared lost."""
+        return self.heartbeat_interval_s * self.heartbeat_liveness
+
+    def describe(self) -> list[dict[str, str]]:
+        """Every setting with its variable, current value and doc (for `imgpipe config`)."""
+        return [{"variable": PREFIX + f.name.upper(), "value": str(getattr(self, f.name)),
+                 "doc": f.metadata.get("doc", "")} for f in dataclasses.fields(self)]
+
+
+# Variables with the prefix that are not settings (read by other tools).
+_NOT_SETTINGS = {"url"}
+
+
+def parse_range(text: str) -> tuple[int, int] | None:
+    """``"MIN:MAX"`` -> (MIN, MAX) with 1 <= MIN <= MAX, else None."""
+    lo, sep, hi = text.partition(":")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        return None
+    a, b = int(lo), int(hi)
+    return (a, b) if 1 <= a <= b else None
+
+
+def _port(endpoint: str) -> int | None:
+    try:
+        return urlsplit(endpoint).port
+    except ValueError:
+        return None
+
+
+def _parse(name: str, raw: str) -> Any:
+    hints = typing.get_type_hints(Settings)
+    kind = hints[name]
+    if isinstance(kind, types.UnionType):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind is Path:
+            return Path(raw)
+        if kind in (int, float):
+            return kind(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}",
+                          field=name) from None
+
+
+def add_settings_args(parser: Any, *names: str) -> None:
+    """Add ``--flag`` options for the named settings, each defaulting to 'not given'.
+
+    Flags use the field name with dashes (``data_dir`` -> ``--data-dir``) plus the
+    short aliases of DESIGN.md (``--data``, ``--port``); values are parsed like the
+    environment variable of the same setting.
+    """
+    aliases = {"data_dir": ["--data"], "gateway_port": ["--port"],
+               "dashboard_port": ["--dashboard-port"], "worker_serves": ["--serves"]}
+    docs = {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(Settings)}
+    for name in names:
+        flags = ["--" + name.replace("_", "-"), *aliases.get(name, [])]
+        flags = list(dict.fromkeys(flags))
+        parser.add_argument(*flags, dest=name, default=None, metavar=name.split("_")[-1].upper(),
+                            type=lambda raw, n=name: _parse(n, raw),
+                            help=f"{docs[name]} (env {PREFIX}{name.upper()})")
+
+
+def settings_from_args(ns: Any, environ: Mapping[str, str] | None = None) -> Settings:
+    """Environment first, then the flags that were given; validated."""
+    known = {f.name for f in dataclasses.fields(Settings)}
+    flags = {k: v for k, v in vars(ns).items() if k in known}
+    return Settings.from_env(environ).with_overrides(**flags).validate()

@@ -1,0 +1,298 @@
+"""The wire: every message imgpipe sends over ZeroMQ, and the only code that knows frames.
+
+Frame layout (multipart, no pickle anywhere)::
+
+    pipeline sockets (PUSH/PULL, ROUTER/DEALER):  [header, payload?]
+    bus sockets (PUB/SUB):                        [topic, header]
+
+* ``header`` is UTF-8 JSON, an object with ``"v"`` (protocol major version) and
+  ``"kind"`` plus the message's fields. Unknown fields are ignored and new fields get
+  defaults, so an older peer still decodes a newer message of the same major version.
+* ``payload`` is raw image bytes in its own frame (a task's original, a result's
+  encoded output), sent with ``copy=False`` and received as a zero-copy buffer.
+* ``topic`` is one of the ``TOPIC_*`` constants; SUB sockets subscribe by prefix.
+
+:func:`encode` turns a message into frames; :func:`decode` turns frames back into a
+message and raises :class:`ProtocolError` for anything else: missing or extra frames,
+bad JSON, a wrong version, an unknown kind, a missing or mistyped field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from core.errors import ProtocolError
+
+VERSION = 1
+
+TOPIC_HEARTBEAT = b"hb"
+TOPIC_CLAIM = b"claim"
+TOPIC_METRIC = b"metric"
+TOPIC_EVENT = b"event"
+TOPIC_DONE = b"done"
+
+STAGES = ("queue", "decode", "filters", "encode", "total")
+
+
+def _payload() -> Any:
+    return field(default=b"", repr=False, metadata={"wire": "payload"})
+
+
+@dataclass
+class Message:
+    kind: ClassVar[str] = ""
+    has_payload: ClassVar[bool] = False
+
+
+@dataclass
+class Notice(Message):
+    """Gateway -> ventilator: a job was recorded in the store; dispatch it now."""
+
+    kind: ClassVar[str] = "notice"
+    job_id: str
+    outputs: int = 0
+
+
+@dataclass
+class Task(Message):
+    """Ventilator -> worker: run ``ops`` on the original image in ``payload``."""
+
+    kind: ClassVar[str] = "task"
+    has_payload: ClassVar[bool] = True
+    task_id: str
+    job_id: str
+    n: int
+    ops: str
+    attempt: int = 1
+    cost: str = "light"
+    queued_at: float = 0.0
+    dispatched_at: float = 0.0
+    deadline: float = 0.0
+    payload: Any = _payload()
+
+
+@dataclass
+class Result(Message):
+    """Worker -> sink: the encoded output (``ok``) or the reason it failed.
+
+    ``timings`` holds milliseconds per stage (see ``STAGES``). ``retry`` marks a
+    failure that was not the input's fault (the filter process died, the deadline
+    passed): the sink does not finish the output but publishes ``Done(state="retry")``
+    so the ventilator dispatches it again (up to ``max_attempts``). A failure without
+    ``retry`` (corrupt image, a filter refusing its input) is final at once.
+    """
+
+    kind: ClassVar[str] = "result"
+    has_payload: ClassVar[bool] = True
+    task_id: str
+    job_id: str
+    n: int
+    attempt: int
+    worker: str
+    ok: bool
+    error: str = ""
+    width: int = 0
+    height: int = 0
+    content_type: str = ""
+    format: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    retry: bool = False
+    payload: Any = _payload()
+
+
+@dataclass
+class Heartbeat(Message):
+    """Worker -> bus, every ``heartbeat_interval_s``: liveness, load and resources."""
+
+    kind: ClassVar[str] = "heartbeat"
+    worker: str
+    host: str
+    pid: int
+    seq: int
+    ts: float
+    state: str = "idle"
+    serves: str = "all"
+    slots: int = 1
+    free: int = 1
+    inflight: list[str] = field(default_factory=list)
+    done: int = 0
+    failed: int = 0
+    cpu: float = 0.0
+    rss: int = 0
+    started: float = 0.0
+
+
+@dataclass
+class Claim(Message):
+    """Worker -> bus: it took ``task_id`` off its socket (the lease now names it)."""
+
+    kind: ClassVar[str] = "claim"
+    worker: str
+    task_id: str
+    attempt: int
+    ts: float
+
+
+@dataclass
+class Metric(Message):
+    """Any component -> bus: a numbered snapshot of its counters and gauges.
+
+    ``seq`` increases by one per message from one ``source``, so a subscriber can
+    count what PUB dropped at its high-water mark.
+    """
+
+    kind: ClassVar[str] = "metric"
+    source: str
+    role: str
+    seq: int
+    ts: float
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Event(Message):
+    """A fleet event worth a line in a log: worker joined/lost, retry, task failed."""
+
+    kind: ClassVar[str] = "event"
+    source: str
+    what: str
+    ts: float
+    detail: str = ""
+    worker: str = ""
+    task_id: str = ""
+
+
+@dataclass
+class Done(Message):
+    """Sink -> event PUB: an output reached a final state (``done``, ``failed``), or
+    ``retry`` (a worker gave it back; the ventilator dispatches it again), or was a
+    ``duplicate`` (a late result for an output already final; dropped)."""
+
+    kind: ClassVar[str] = "done"
+    task_id: str
+    job_id: str
+    n: int
+    state: str
+    job_state: str = ""
+
+
+@dataclass
+class Request(Message):
+    """Control request (REQ/DEALER -> ventilator ROUTER): ``op`` names what is asked."""
+
+    kind: ClassVar[str] = "request"
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Reply(Message):
+    """Control reply: ``data`` when ``ok``, else ``error``."""
+
+    kind: ClassVar[str] = "reply"
+    ok: bool
+    data: Any = None
+    error: str = ""
+
+
+KINDS: dict[str, type[Message]] = {
+    cls.kind: cls
+    for cls in (Notice, Task, Result, Heartbeat, Claim, Metric, Event, Done, Request, Reply)
+}
+TOPICS: dict[type[Message], bytes] = {
+    Heartbeat: TOPIC_HEARTBEAT, Claim: TOPIC_CLAIM, Metric: TOPIC_METRIC,
+    Event: TOPIC_EVENT, Done: TOPIC_DONE,
+}
+
+_BASE = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,),
+         dict: (dict,)}
+
+
+def encode(msg: Message) -> list[Any]:
+    """Frames for ``msg``: ``[header]`` or ``[header, payload]``."""
+    header: dict[str, Any] = {"v": VERSION, "kind": msg.kind}
+    for f in dataclasses.fields(msg):
+        if not f.metadata.get("wire"):
+            header[f.name] = getattr(msg, f.name)
+    frames: list[Any] = [json.dumps(header, separators=(",", ":")).encode()]
+    if msg.has_payload:
+        frames.append(msg.payload)  # type: ignore[attr-defined]
+    return frames
+
+
+def encode_topic(msg: Message) -> list[Any]:
+    """Frames for a PUB socket: ``[topic, header]``."""
+    topic = TOPICS.get(type(msg))
+    if topic is None:
+        raise ProtocolError(f"{msg.kind} messages are not published on the bus")
+    return [topic, *encode(msg)]
+
+
+def decode(frames: Sequence[Any], expect: type[Message] | None = None) -> Message:
+    """The message in ``frames`` (bytes, memoryviews or zmq.Frame); ProtocolError if not one.
+
+    A payload frame is returned as a zero-copy ``memoryview`` when it arrives as a
+    ``zmq.Frame``. With ``expect``, any other kind is refused too.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    header = _header(frames[0])
+    cls = KINDS.get(header.get("kind"))  # type: ignore[arg-type]
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {header.get('kind')!r}")
+    if expect is not None and cls is not expect:
+        raise ProtocolError(f"expected a {expect.kind} message, got {cls.kind}")
+    want = 2 if cls.has_payload else 1
+    if len(frames) != want:
+        raise ProtocolError(f"{cls.kind}: expected {want} frame(s), got {len(frames)}")
+    values: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("wire"):
+            continue
+        if f.name not in header:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{cls.kind}: missing field {f.name!r}")
+            continue
+        value = header[f.name]
+        base = typing.get_origin(hints[f.name]) or hints[f.name]
+        allowed = _BASE.get(base)
+        if allowed is not None and (not isinstance(value, allowed)
+                                    or (base is not bool and isinstance(value, bool))):
+            raise ProtocolError(f"{cls.kind}: field {f.name!r} must be {base.__name__}")
+        values[f.name] = float(value) if base is float else value
+    msg = cls(**values)
+    if cls.has_payload:
+        msg.payload = _buffer(frames[1])  # type: ignore[attr-defined]
+    return msg
+
+
+def decode_topic(frames: Sequence[Any]) -> Message:
+    """The message in a bus frame list ``[topic, header]``; ProtocolError if not one."""
+    if len(frames) != 2:
+        raise ProtocolError(f"bus message: expected 2 frames, got {len(frames)}")
+    msg = decode(frames[1:])
+    if TOPICS.get(type(msg)) != bytes(_buffer(frames[0])):
+        raise ProtocolError(f"{msg.kind} published under the wrong topic")
+    return msg
+
+
+def _buffer(frame: Any) -> Any:
+    return getattr(frame, "buffer", frame)
+
+
+def _header(frame: Any) -> dict[str, Any]:
+    try:
+        header = json.loads(bytes(_buffer(frame)))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a JSON object")
+    if header.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r}, this peer speaks {VERSION}")
+    return header

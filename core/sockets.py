@@ -1,0 +1,110 @@
+"""Sockets made one way: size limits, linger, keepalive, and CURVE when configured.
+
+Every component opens its sockets here, so the hygiene rules hold everywhere:
+
+* receiving sockets set ``ZMQ_MAXMSGSIZE`` (a peer cannot make us allocate 4 GB);
+* ``linger=0``, so closing never blocks on unsent messages;
+* TCP keepalive and ZMTP heartbeats on every connection, so a peer that vanished
+  without a FIN (a pulled cable, a killed VM) is noticed instead of holding a pipe;
+* stable nodes bind on ``settings.bind_url(...)`` and act as CURVE servers, dynamic
+  nodes connect and act as CURVE clients, when the key files are set.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import zmq
+
+from core.config import Settings
+
+log = logging.getLogger(__name__)
+
+_RECEIVES = {zmq.PULL, zmq.SUB, zmq.ROUTER, zmq.DEALER, zmq.REP, zmq.REQ, zmq.PAIR}
+
+
+def make_socket(ctx: zmq.Context[Any], kind: int, settings: Settings, *,
+                bind: str | None = None, connect: str | tuple[str, ...] | None = None,
+                sndhwm: int | None = None, rcvhwm: int | None = None,
+                subscribe: tuple[bytes, ...] = ()) -> zmq.Socket[Any]:
+    """A configured socket that binds ``bind`` (on bind_host) or connects to ``connect``."""
+    sock = ctx.socket(kind)
+    try:
+        sock.linger = 0
+        if kind in _RECEIVES:
+            sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+        if sndhwm is not None:
+            sock.sndhwm = sndhwm
+        if rcvhwm is not None:
+            sock.rcvhwm = rcvhwm
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        for topic in subscribe:
+            sock.setsockopt(zmq.SUBSCRIBE, topic)
+        if bind is not None:
+            _curve_server(sock, settings)
+            sock.bind(settings.bind_url(bind))
+        if connect is not None:
+            _curve_client(sock, settings)
+            for endpoint in (connect,) if isinstance(connect, str) else connect:
+                sock.connect(endpoint)
+    except BaseException:
+        sock.close(0)
+        raise
+    return sock
+
+
+def bound_endpoint(sock: zmq.Socket[Any]) -> str:
+    """The URL a bound socket really listens on (resolves ``tcp://...:0`` / wildcard ports)."""
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def _curve_server(sock: zmq.Socket[Any], settings: Settings) -> None:
+    if not settings.curve_enabled:
+        return
+    import zmq.auth
+
+    public, secret = zmq.auth.load_certificate(settings.curve_server_secret_file)
+    if secret is None:
+        raise ValueError(f"{settings.curve_server_secret_file} holds no secret key")
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+
+
+def _curve_client(sock: zmq.Socket[Any], settings: Settings) -> None:
+    if not settings.curve_enabled:
+        return
+    import zmq.auth
+
+    server_public, _ = zmq.auth.load_certificate(settings.curve_server_public_file)
+    client_file = settings.curve_client_secret_file or settings.curve_server_secret_file
+    public, secret = zmq.auth.load_certificate(client_file)
+    if secret is None:
+        raise ValueError(f"{client_file} holds no secret key")
+    sock.curve_serverkey = server_public
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+
+
+def start_authenticator(ctx: zmq.Context[Any], settings: Settings) -> Any:
+    """In a binding process with CURVE on: a ZAP thread that admits the authorised keys.
+
+    Without ``curve_authorized_dir`` any client that knows the server key is admitted
+    (encryption only). Returns the authenticator (call ``.stop()``) or None.
+    """
+    if not settings.curve_enabled:
+        return None
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    if settings.curve_authorized_dir:
+        auth.configure_curve(domain="*", location=settings.curve_authorized_dir)
+    else:
+        auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+    return auth

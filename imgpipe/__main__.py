@@ -1,0 +1,5 @@
+import sys
+
+from imgpipe.cli import main
+
+sys.exit(main())

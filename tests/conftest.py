@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from core.config import Settings
+from tests.support import make_settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings on private ipc:// endpoints and free ports, data under tmp_path."""
+    return make_settings(tmp_path / "data")
+
+
+class TrackingContext(zmq.Context):  # type: ignore[type-arg]
+    """A context that remembers its sockets, so a test can fail on a leaked one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[zmq.Socket[Any]] = []
+
+    def socket(self, socket_type: int, **kwargs: Any) -> zmq.Socket[Any]:  # type: ignore[override]
+        sock = super().socket(socket_type, **kwargs)
+        self.made.append(sock)
+        return sock
+
+
+@pytest.fixture
+def zctx() -> Iterator[TrackingContext]:
+    """A zmq context; the test fails if it leaves a socket open (closes them first)."""
+    ctx = TrackingContext()
+    yield ctx
+    leaked = [s for s in ctx.made if not s.closed]
+    for s in leaked:
+        s.close(linger=0)
+    ctx.term()
+    assert not leaked, f"{len(leaked)} socket(s) left open: {leaked}"
