@@ -200,6 +200,15 @@ class Settings:
         """Seconds without a heartbeat before a worker is declared lost."""
         return self.heartbeat_interval_s * self.heartbeat_liveness
 
+    def to_env(self) -> dict[str, str]:
+        """``IMGPIPE_*`` variables that make a child process build these same settings."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[PREFIX + f.name.upper()] = ("1" if value else "0") if isinstance(value, bool) \
+                else str(value)
+        return out
+
     def describe(self) -> list[dict[str, str]]:
         """Every setting with its variable, current value and doc (for `imgpipe config`)."""
         return [{"variable": PREFIX + f.name.upper(), "value": str(getattr(self, f.name)),

@@ -146,8 +146,7 @@ class Store:
         (self.root / "outputs").mkdir(exist_ok=True)
         self.db_path = self.root / "jobs.sqlite3"
         self._local = threading.local()
-        with self._tx() as db:
-            db.executescript(_SCHEMA)
+        self._db().executescript(_SCHEMA)  # idempotent; executescript commits itself
 
     # --- connections ----------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:

@@ -20,12 +20,15 @@ def settings(tmp_path: Path) -> Settings:
 class TrackingContext(zmq.Context):  # type: ignore[type-arg]
     """A context that remembers its sockets, so a test can fail on a leaked one."""
 
+    made: list[zmq.Socket[Any]] | None = None  # class-level so pyzmq allows setting it
+
     def __init__(self) -> None:
         super().__init__()
-        self.made: list[zmq.Socket[Any]] = []
+        self.made = []
 
     def socket(self, socket_type: int, **kwargs: Any) -> zmq.Socket[Any]:  # type: ignore[override]
         sock = super().socket(socket_type, **kwargs)
+        assert self.made is not None
         self.made.append(sock)
         return sock
 
@@ -35,7 +38,7 @@ def zctx() -> Iterator[TrackingContext]:
     """A zmq context; the test fails if it leaves a socket open (closes them first)."""
     ctx = TrackingContext()
     yield ctx
-    leaked = [s for s in ctx.made if not s.closed]
+    leaked = [s for s in ctx.made or [] if not s.closed]
     for s in leaked:
         s.close(linger=0)
     ctx.term()

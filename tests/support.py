@@ -49,8 +49,7 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process see ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
-    for row in settings.describe():
-        env[row["variable"]] = row["value"]
+    env.update(settings.to_env())
     return env
 
 

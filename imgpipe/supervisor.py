@@ -1,0 +1,322 @@
+"""The local stack: ``imgpipe up`` runs every component as a child process.
+
+The supervisor starts the ventilator, the sink, the gateway, N workers and the
+dashboard; restarts any child that dies (with a backoff, so a crash loop does not
+spin); answers ``scale`` and ``status`` requests on a small control socket whose
+address it writes to ``<data dir>/supervisor.json`` (that is how ``imgpipe scale N``
+and the dashboard find it); and on Ctrl-C or SIGTERM stops everything: SIGTERM to
+every child, SIGKILL to whatever is still alive after a grace period, the shared
+memory of every worker swept. Children run in their own session (a terminal's
+Ctrl-C reaches only the supervisor, which stops them in order) and get
+``PR_SET_PDEATHSIG`` so they die with a supervisor killed by SIGKILL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from core.config import Settings, add_settings_args, parse_range, settings_from_args
+from core.control import SUPERVISOR_FILE, Unavailable, ask, supervisor_endpoint
+from core.errors import ImgpipeError
+from core.protocol import Reply, Request, decode, encode
+from core.runtime import configure_logging
+from core.sockets import bound_endpoint, make_socket
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 10.0          # SIGTERM -> SIGKILL
+BACKOFF_MAX_S = 10.0    # longest wait before restarting a child that keeps dying
+STABLE_S = 30.0         # a child alive this long resets its backoff
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    """One supervised process: its role, its process, and its restart bookkeeping."""
+
+    role: str
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float = 0.0
+    retired: bool = False
+    history: list[int] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Supervisor:
+    """Owns the children. ``tick()`` does one round of checks; ``run()`` loops it."""
+
+    def __init__(self, settings: Settings, *, workers: int, dashboard: bool = True,
+                 autoscale: tuple[int, int] | None = None) -> None:
+        self.settings = settings
+        self.env = {**os.environ, **settings.to_env()}
+        self.children: list[Child] = []
+        self.dashboard = dashboard
+        self.autoscale = autoscale
+        self._worker_seq = 0
+        self._scaler: Any = None
+        for role in ("ventilator", "sink", "gateway"):
+            self.children.append(Child(role, role, self._argv(role)))
+        if dashboard:
+            self.children.append(Child("dashboard", "dashboard", self._argv("dashboard")))
+        self.set_workers(workers)
+
+    # --- children -------------------------------------------------------------------
+    def _argv(self, role: str) -> list[str]:
+        return [sys.executable, "-m", "imgpipe", role]
+
+    def workers(self) -> list[Child]:
+        return [c for c in self.children if c.role == "worker" and not c.retired]
+
+    def set_workers(self, n: int) -> int:
+        """Grow or shrink to ``n`` workers (newest retire first); returns the new count."""
+        n = max(0, n)
+        current = self.workers()
+        for child in current[n:]:
+            child.retired = True
+            self._terminate(child)
+        for _ in range(n - len(current)):
+            self._worker_seq += 1
+            self.children.append(Child("worker", f"worker-{self._worker_seq}",
+                                       self._argv("worker")))
+        return len(self.workers())
+
+    def _spawn(self, child: Child, now: float) -> None:
+        child.proc = subprocess.Popen(child.argv, env=self.env, start_new_session=True,
+                                      preexec_fn=_die_with_parent)
+        child.started = now
+        child.history.append(child.proc.pid)
+        log.info("started %s (pid %d)", child.name, child.proc.pid)
+
+    def _terminate(self, child: Child) -> None:
+        if child.alive():
+            assert child.proc is not None
+            child.proc.send_signal(signal.SIGTERM)
+
+    def tick(self, now: float | None = None) -> None:
+        """Start what should run, restart what died, reap what retired."""
+        now = time.monotonic() if now is None else now
+        for child in list(self.children):
+            if child.proc is not None and child.proc.poll() is not None:
+                code = child.proc.returncode
+                pid = child.proc.pid
+                self._after_exit(child, pid)
+                child.proc = None
+                if child.retired:
+                    self.children.remove(child)
+                    continue
+                child.failures = 0 if now - child.started > STABLE_S else child.failures + 1
+                delay = min(BACKOFF_MAX_S, 0.25 * (2 ** child.failures)) if child.failures else 0
+                child.restart_at = now + delay
+                log.warning("%s (pid %d) exited with %s; restarting in %.1f s",
+                            child.name, pid, code, delay)
+            if child.proc is None and not child.retired and now >= child.restart_at:
+                self._spawn(child, now)
+
+    def _after_exit(self, child: Child, pid: int) -> None:
+        if child.role == "worker":
+            from workers.shm import sweep
+
+            swept = sweep(pid)
+            if swept:
+                log.info("swept %d shared-memory segment(s) of %s", swept, child.name)
+
+    def stop(self) -> None:
+        """SIGTERM everyone, wait up to GRACE_S, SIGKILL the rest, sweep worker memory."""
+        for child in self.children:
+            child.retired = True
+            self._terminate(child)
+        deadline = time.monotonic() + GRACE_S
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s: SIGKILL", child.name, GRACE_S)
+                child.proc.kill()
+                child.proc.wait()
+        for child in self.children:
+            if child.role == "worker":
+                for pid in child.history:
+                    self._after_exit(child, pid)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "workers": len(self.workers()),
+            "children": [{"name": c.name, "role": c.role, "pid": c.pid, "alive": c.alive(),
+                          "restarts": max(0, len(c.history) - 1)} for c in self.children],
+        }
+
+    # --- control ----------------------------------------------------------------------
+    def handle(self, req: Request) -> Reply:
+        """One control request, no sockets involved."""
+        if req.op == "status":
+            return Reply(ok=True, data=self.status())
+        if req.op == "scale":
+            n = req.args.get("workers")
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 64:
+                return Reply(ok=False, error="scale needs 'workers': a whole number 0..64")
+            return Reply(ok=True, data={"workers": self.set_workers(n)})
+        return Reply(ok=False, error=f"unknown op {req.op!r}: use status or scale")
+
+    def run(self, ctx: zmq.Context[Any], stop: threading.Event) -> None:
+        ctl = make_socket(ctx, zmq.ROUTER, self.settings, bind="tcp://127.0.0.1:0")
+        info_path = self.settings.data_dir / SUPERVISOR_FILE
+        try:
+            endpoint = bound_endpoint(ctl)
+            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+            info_path.write_text(json.dumps({"control": endpoint, "pid": os.getpid()}))
+            self.tick()
+            self._announce(endpoint)
+            next_scale = time.monotonic() + 1.0
+            while not stop.is_set():
+                if ctl.poll(200, zmq.POLLIN):
+                    self._serve_one(ctl)
+                self.tick()
+                if self.autoscale and time.monotonic() >= next_scale:
+                    next_scale = time.monotonic() + 1.0
+                    self._autoscale_step()
+        finally:
+            ctl.close(linger=0)
+            info_path.unlink(missing_ok=True)
+            self.stop()
+
+    def _serve_one(self, ctl: zmq.Socket[Any]) -> None:
+        frames = ctl.recv_multipart()
+        envelope, body = frames[:-1], frames[-1:]
+        try:
+            req = decode(body, expect=Request)
+            assert isinstance(req, Request)
+            reply = self.handle(req)
+        except ImgpipeError as exc:
+            reply = Reply(ok=False, error=exc.detail)
+        ctl.send_multipart([*envelope, *encode(reply)])
+
+    def _autoscale_step(self) -> None:
+        import httpx
+        from core.advice import Autoscaler
+
+        assert self.autoscale is not None
+        if self._scaler is None:
+            self._scaler = Autoscaler(*self.autoscale)
+        try:
+            metrics = httpx.get(f"{self.settings.gateway_url}/api/metrics", timeout=2.0).json()
+        except (httpx.HTTPError, ValueError):
+            return
+        target = self._scaler.observe(metrics, time.monotonic())
+        if target is not None and target != len(self.workers()):
+            log.info("autoscale: %d -> %d workers (%s)", len(self.workers()), target,
+                     metrics.get("recommendation", {}).get("reason", ""))
+            self.set_workers(target)
+
+    def _announce(self, control: str) -> None:
+        s = self.settings
+        lines = [
+            f"imgpipe up: {len(self.workers())} worker(s), data in {s.data_dir.resolve()}",
+            f"  gateway     http://{s.gateway_host}:{s.gateway_port}/  (API, /healthz, /metrics)",
+        ]
+        if self.dashboard:
+            lines.append(f"  dashboard   http://{s.gateway_host}:{s.dashboard_port}/")
+        lines += [
+            f"  tasks       {s.light_task_endpoint} (light), {s.heavy_task_endpoint} (heavy)",
+            f"  results     {s.result_endpoint}   events {s.event_endpoint}",
+            f"  control     {s.control_endpoint} (ventilator), {control} (this supervisor)",
+            f"  bus         {', '.join(s.bus_endpoints)}",
+            "  scale with: imgpipe scale N" + (f" --data {s.data_dir}"
+                                              if str(s.data_dir) != "data" else ""),
+            "  stop with Ctrl-C",
+        ]
+        print("\n".join(lines), flush=True)
+
+
+def main_up(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="imgpipe up", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings_args(parser, "workers", "data_dir", "gateway_port", "dashboard_port",
+                      "gateway_host", "autoscale", "worker_processes", "log_level")
+    parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
+    ns = parser.parse_args(argv)
+    settings = settings_from_args(ns)
+    if ns.gateway_port is not None and "IMGPIPE_GATEWAY_URL" not in os.environ:
+        host = "127.0.0.1" if settings.gateway_host in ("0.0.0.0", "*") else settings.gateway_host
+        settings = settings.with_overrides(gateway_url=f"http://{host}:{settings.gateway_port}")
+    configure_logging(settings, "supervisor")
+    autoscale = parse_range(settings.autoscale) if settings.autoscale else None
+    workers = settings.workers
+    if autoscale:
+        workers = min(max(workers, autoscale[0]), autoscale[1])
+    sup = Supervisor(settings, workers=workers, dashboard=not ns.no_dashboard,
+                     autoscale=autoscale)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %s: stopping the stack", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    ctx = zmq.Context()
+    try:
+        sup.run(ctx, stop)
+    finally:
+        ctx.term()
+    print("imgpipe up: stopped", flush=True)
+    return 0
+
+
+def main_scale(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="imgpipe scale",
+                                     description="Set the running local stack to N workers.")
+    parser.add_argument("n", type=int, metavar="N", help="worker count (0..64)")
+    add_settings_args(parser, "data_dir")
+    ns = parser.parse_args(argv)
+    settings = settings_from_args(ns)
+    endpoint = supervisor_endpoint(settings.data_dir)
+    if endpoint is None:
+        print(f"imgpipe scale: no local stack runs on {settings.data_dir} "
+              f"(no {SUPERVISOR_FILE}); start one with `imgpipe up`", file=sys.stderr)
+        return 1
+    ctx = zmq.Context()
+    try:
+        data = ask(ctx, settings, "scale", {"workers": ns.n}, endpoint=endpoint, timeout=5.0)
+    except (Unavailable, ImgpipeError) as exc:
+        print(f"imgpipe scale: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ctx.term()
+    print(f"imgpipe scale: {data['workers']} worker(s)")
+    return 0
+

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from core.store import NotFound, Store, check_id, new_job_id, split_task_id, task_id
+
+
+def make_job(store: Store, images: int = 2, chains: int = 3) -> str:
+    job = new_job_id()
+    for i in range(images):
+        store.save_original(job, i, "jpeg", b"\xff\xd8img%d" % i)
+    store.create_job(job, [("jpeg", 10, 8, 6)] * images,
+                     [(f"resize:w={c + 1}", "light") for c in range(chains)])
+    return job
+
+
+def test_job_document_is_image_major(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = make_job(store)
+    doc = store.job(job)
+    assert doc["state"] == "queued" and doc["finished"] is None
+    assert doc["progress"] == {"done": 0, "failed": 0, "total": 6}
+    assert [(o["n"], o["image"], o["ops"]) for o in doc["outputs"]] == [
+        (0, 0, "resize:w=1"), (1, 0, "resize:w=2"), (2, 0, "resize:w=3"),
+        (3, 1, "resize:w=1"), (4, 1, "resize:w=2"), (5, 1, "resize:w=3")]
+    assert doc["outputs"][4]["url"] == f"/api/jobs/{job}/outputs/4"
+    assert set(doc["outputs"][0]["timings_ms"]) == {"queue", "decode", "filters", "encode",
+                                                    "total"}
+    assert store.read_original(job, 1) == b"\xff\xd8img1"
+
+
+def test_first_completion_wins_and_job_state_follows(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = make_job(store, images=1, chains=2)
+    t0, t1 = task_id(job, 0), task_id(job, 1)
+    assert store.mark_dispatched(t0, 1)
+    assert store.job_state(job) == "running"
+    meta = dict(worker="w1", attempt=1, width=1, height=1, nbytes=3, content_type="image/png",
+                fmt="png", timings={"total": 5.0, "bogus": 1.0})
+    assert store.complete(t0, **meta) == "running"
+    assert store.complete(t0, **{**meta, "worker": "w2"}) is None  # duplicate
+    assert store.fail(t0, "late") is None
+    assert not store.mark_dispatched(t0, 2)  # final outputs are never dispatched again
+    assert store.fail(t1, "corrupt image", attempt=1) == "partial"
+    doc = store.job(job)
+    assert doc["outputs"][0]["worker"] == "w1" and doc["outputs"][0]["timings_ms"]["total"] == 5
+    assert doc["outputs"][1]["error"] == "corrupt image"
+    assert doc["finished"] is not None and doc["progress"]["failed"] == 1
+
+
+def test_job_states_done_and_failed(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    ok, bad = make_job(store, 1, 1), make_job(store, 1, 1)
+    store.complete(task_id(ok, 0), worker="w", attempt=1, width=1, height=1, nbytes=1,
+                   content_type="image/png", fmt="png", timings={})
+    store.fail(task_id(bad, 0), "lost on 3 attempts")
+    assert store.job_state(ok) == "done" and store.job_state(bad) == "failed"
+
+
+def test_open_tasks_and_counts(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = make_job(store, images=1, chains=3)
+    store.mark_dispatched(task_id(job, 1), 1)
+    store.fail(task_id(job, 2), "x")
+    assert store.counts() == {"queued": 1, "running": 1}
+    assert store.open_count() == 2
+    assert [t.n for t in store.open_tasks()] == [0, 1]
+    assert [t.n for t in store.open_tasks(states=("running",))] == [1]
+    assert store.open_tasks(states=("running",))[0].attempts == 1
+
+
+@pytest.mark.parametrize("bad", ["../etc", "%2e%2e", "", "0" * 36, new_job_id().upper(),
+                                 new_job_id() + "/x", None, 5])
+def test_hostile_ids_never_reach_the_filesystem(tmp_path: Path, bad: object) -> None:
+    store = Store(tmp_path)
+    with pytest.raises(NotFound):
+        check_id(bad)  # type: ignore[arg-type]
+    with pytest.raises(NotFound):
+        store.job(bad)  # type: ignore[arg-type]
+    with pytest.raises(NotFound):
+        store.output_path(bad, 0, "png")  # type: ignore[arg-type]
+
+
+def test_unknown_job_and_task_ids(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with pytest.raises(NotFound):
+        store.job(new_job_id())
+    with pytest.raises(NotFound):
+        split_task_id("abc:1")
+    job = make_job(store, 1, 1)
+    with pytest.raises(NotFound):
+        store.output(job, 5)
+
+
+def test_outputs_are_written_atomically(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = make_job(store, 1, 1)
+    path = store.write_output(job, 0, "png", b"first")
+    store.write_output(job, 0, "png", memoryview(b"second"))
+    assert path.read_bytes() == b"second"
+    assert [p.name for p in path.parent.iterdir()] == ["0.png"]  # no temp files left
+
+
+def test_concurrent_writers_from_threads_and_a_second_store(tmp_path: Path) -> None:
+    a, b = Store(tmp_path), Store(tmp_path)
+    jobs = [make_job(a, 1, 4) for _ in range(5)]
+    errors: list[BaseException] = []
+
+    def finish(store: Store, n: int) -> None:
+        try:
+            for job in jobs:
+                store.complete(task_id(job, n), worker=f"w{n}", attempt=1, width=1, height=1,
+                               nbytes=1, content_type="image/png", fmt="png", timings={})
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=finish, args=(s, n))
+               for n, s in enumerate([a, b, a, b])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert all(a.job_state(j) == "done" for j in jobs)
+    assert a.totals()["done"] == 20
