@@ -1,0 +1,209 @@
+"""Filter chains: ``name[:key=value[,key=value…]]`` joined by ``|``, applied left to right.
+
+``resize:w=1920,h=1080,fit=cover|sharpen:amount=1.5|encode:format=webp,quality=80``
+
+Values are integers, numbers (no NaN or infinity), booleans (true/false/1/0) or one of
+a parameter's choices. ``encode`` sets the output format and may only come last. The
+canonical form writes each step with only its non-default parameters, in declaration
+order, numbers in their shortest exact form; parsing it gives the same chain back.
+The user's order is never changed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from core.errors import FilterError, ImageTooLarge
+from filters.codec import DEFAULT_MAX_PIXELS, EncodeParams
+from filters.geometry import ResizeParams, resize_scale, resize_size
+from filters.params import ParamError, Params, infos, quote
+from filters.pixels import Image, check_image
+from filters.registry import REGISTRY, Cost, FilterSpec
+
+MAX_FILTERS = 12
+MAX_SPEC_CHARS = 4096
+"""Longest chain text accepted; a chain of 12 filters with every parameter fits easily."""
+REDUCE_FACTORS = (8, 4, 2)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One filter of a chain with its checked parameters."""
+
+    name: str
+    params: Params
+
+    @property
+    def spec(self) -> FilterSpec[Any]:
+        return REGISTRY[self.name]
+
+    @property
+    def cost(self) -> Cost:
+        return self.spec.step_cost(self.params)
+
+    def canonical(self) -> str:
+        args = ",".join(f"{info.name}={info.format(v)}" for info, v in self.params.non_defaults())
+        return f"{self.name}:{args}" if args else self.name
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Parsed filter steps (without ``encode``) and the output settings, if any."""
+
+    steps: tuple[Step, ...]
+    encode: EncodeParams | None = None
+
+    def canonical(self) -> str:
+        parts = [step.canonical() for step in self.steps]
+        if self.encode is not None:
+            parts.append(Step("encode", self.encode).canonical())
+        return "|".join(parts)
+
+    def __str__(self) -> str:
+        return self.canonical()
+
+    @property
+    def cost(self) -> Cost:
+        """``heavy`` if any step is heavy: the class of worker the task is routed to."""
+        return "heavy" if any(step.cost == "heavy" for step in self.steps) else "light"
+
+    def output_size(
+        self, width: int, height: int, *, max_pixels: int | None = None
+    ) -> tuple[int, int]:
+        """Size after every step; ``ImageTooLarge`` if any step would pass ``max_pixels``."""
+        for step in self.steps:
+            width, height = _next_size(step, width, height, max_pixels)
+        return width, height
+
+    def reduce_factor(self, width: int, height: int) -> int:
+        """Largest JPEG DCT-scaling factor (8, 4, 2) that leaves the result equivalent, else 1.
+
+        Allowed only when the first step is a resize that shrinks the (oriented)
+        ``width``×``height`` source by at least that factor on both axes, and lands on
+        the same output size from the reduced source (rounded up, as libjpeg does).
+        """
+        if not self.steps or self.steps[0].name != "resize":
+            return 1
+        p = self.steps[0].params
+        assert isinstance(p, ResizeParams)
+        sx, sy = resize_scale(width, height, p)
+        target = resize_size(width, height, p)
+        for f in REDUCE_FACTORS:
+            if sx * f <= 1 and sy * f <= 1:
+                reduced = (-(-width // f), -(-height // f))
+                if resize_size(*reduced, p) == target:
+                    return f
+        return 1
+
+
+def _next_size(step: Step, width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    geometry = step.spec.geometry
+    if geometry is None:
+        return width, height
+    width, height = geometry(width, height, step.params)
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(
+            f"{step.name} would make a {width}×{height} image "
+            f"({width * height / 1e6:.1f} megapixels); the limit is {max_pixels / 1e6:g}",
+            field="ops",
+        )
+    return width, height
+
+
+def apply_chain(img: Image, chain: Chain, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image:
+    """Run the steps in order; the input is never modified.
+
+    Before a step that changes the size, its output size is checked against
+    ``max_pixels`` so that no step allocates more than the limit allows.
+    """
+    check_image(img)
+    img = np.ascontiguousarray(img)
+    for step in chain.steps:
+        height, width = img.shape[:2]
+        _next_size(step, width, height, max_pixels)
+        img = step.spec.fn(img, step.params)
+    return img
+
+
+def parse_chain(spec: str, *, max_filters: int = MAX_FILTERS) -> Chain:
+    """Parse and check a chain; every error is a ``FilterError`` naming what is wrong."""
+    if not isinstance(spec, str):
+        raise _error(f"ops must be text, got {type(spec).__name__}")
+    if len(spec) > MAX_SPEC_CHARS:
+        raise _error(f"ops is too long ({len(spec)} characters, at most {MAX_SPEC_CHARS})")
+    if not spec.strip():
+        raise _error("ops is empty; write e.g. resize:w=800|blur:radius=2")
+    parts = spec.split("|")
+    if len(parts) > max_filters + 1:  # the +1 leaves room for encode
+        raise _too_many(len(parts), max_filters)
+    steps: list[Step] = []
+    encode: EncodeParams | None = None
+    for position, part in enumerate(parts, 1):
+        step = _parse_step(part, position)
+        if encode is not None:
+            what = "given twice" if step.name == "encode" else f"followed by {step.name}"
+            raise _error(f"encode must be the last step, but it is {what} (step {position})")
+        if isinstance(step.params, EncodeParams):
+            encode = step.params
+        else:
+            steps.append(step)
+    if len(steps) > max_filters:
+        raise _too_many(len(steps), max_filters)
+    return Chain(tuple(steps), encode)
+
+
+def _parse_step(text: str, position: int) -> Step:
+    text = text.strip()
+    if not text:
+        raise _error(f"step {position} is empty (a stray '|'?)")
+    name, colon, args = text.partition(":")
+    name = name.strip()
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise _error(f"unknown filter {quote(name)} (step {position}); {_suggest(name)}")
+    where = f"{name} (step {position})"
+    if colon and not args.strip():
+        raise _error(f"{where}: ':' must be followed by key=value")
+    by_name = {info.name: info for info in infos(spec.params)}
+    values: dict[str, Any] = {}
+    for item in args.split(",") if colon else ():
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not key:
+            raise _error(f"{where}: empty parameter (a stray ','?)")
+        info = by_name.get(key)
+        if info is None:
+            known = ", ".join(by_name) or "nothing"
+            raise _error(f"{where}: unknown parameter {quote(key)}; {name} takes {known}")
+        if key in values:
+            raise _error(f"{where}: {key} is given twice")
+        if not eq:
+            raise _error(f"{where}: {key} needs a value ({key}=VALUE)")
+        try:
+            values[key] = info.parse(raw)
+        except ParamError as exc:
+            raise _error(f"{where}: {exc.detail}") from None
+    try:
+        params = spec.params(**values)
+    except ParamError as exc:
+        raise _error(f"{where}: {exc.detail}") from None
+    return Step(name, params)
+
+
+def _error(detail: str) -> FilterError:
+    return FilterError(detail, field="ops")
+
+
+def _too_many(count: int, max_filters: int) -> FilterError:
+    return _error(f"too many filters: {count}, at most {max_filters} per chain")
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name.lower(), REGISTRY, n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(close) + "?"
+    return "filters are " + ", ".join(sorted(REGISTRY))

@@ -1,0 +1,124 @@
+"""The filter registry: every filter by name, with its parameters and cost class.
+
+Cost class (the ventilator routes a task to light or heavy workers by it): a step is
+**heavy** when, on a 3840×2160 RGB frame on one core, it costs more than the work
+every task does anyway, decoding and re-encoding that frame as JPEG (about 105 ms on
+the reference machine: 70 decode + 35 encode), so a heavy step at least doubles its
+task. A filter whose cost depends on its parameters is light with a ``heavy_when``
+rule for the values that cross the line. A chain is heavy if any step is.
+
+CPU time per 4K frame on the reference machine (one OpenCV thread, best of 5):
+
+============  ===============================================  =====================
+filter        ms                                               class
+============  ===============================================  =====================
+resize        4 (w=1920), 9 (w=480), 80 (w=3456, the slowest   light (enlarging is
+              shrink), 60 (1920² cover), 110 (enlarge to 50 MP) dominated by encode)
+crop          0.6                                              light
+rotate        16 (90°), 4 (180°); 83 (30°), 143 (45°, expand)  heavy off 90° steps
+flip          4                                                light
+blur          32 (σ=2), 45 (σ=6), 47 (σ=100)                   light
+sharpen       66 (defaults), 63 (σ=100)                        light
+brightness    11                                               light
+contrast      23                                               light
+saturation    25                                               light
+grayscale     5                                                light
+sepia         7                                                light
+invert        4                                                light
+edges         30                                               light
+emboss        12                                               light
+median        5 (3), 22 (5); 761 (7), 883 (15)                 heavy above size 5
+equalize      45                                               light
+pixelate      32 (8), 54 (512)                                 light
+denoise       9085                                             heavy
+============  ===============================================  =====================
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+from filters.params import Params, infos
+from filters.pixels import Image
+
+Cost = Literal["light", "heavy"]
+P = TypeVar("P", bound=Params)
+FilterFn = Callable[[Image, P], Image]
+Geometry = Callable[[int, int, P], tuple[int, int]]
+
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class FilterSpec(Generic[P]):
+    """A registered filter.
+
+    ``geometry(width, height, params)`` gives the output size without touching pixels
+    (``None``: the size does not change); the chain uses it to refuse an output over
+    the pixel limit before computing it, and callers to size buffers.
+    """
+
+    name: str
+    fn: FilterFn[P]
+    params: type[P]
+    cost: Cost
+    doc: str
+    geometry: Geometry[P] | None = None
+    heavy_when: Callable[[P], bool] | None = None
+
+    def step_cost(self, params: P) -> Cost:
+        """The cost class of one use: ``heavy_when`` can make a light filter heavy."""
+        if self.cost == "light" and self.heavy_when is not None and self.heavy_when(params):
+            return "heavy"
+        return self.cost
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description for ``GET /api/filters``."""
+        return {
+            "name": self.name,
+            "cost": self.cost,
+            "doc": self.doc,
+            "params": [info.describe() for info in infos(self.params)],
+        }
+
+
+REGISTRY: dict[str, FilterSpec[Any]] = {}
+
+
+def register(
+    name: str,
+    *,
+    params: type[P],
+    cost: Cost = "light",
+    geometry: Geometry[P] | None = None,
+    heavy_when: Callable[[P], bool] | None = None,
+) -> Callable[[FilterFn[P]], FilterFn[P]]:
+    """Register ``fn(img, params) -> img`` under ``name``; a name registered twice is an error.
+
+    ``cost`` is the filter's class; ``heavy_when(params)`` marks the parameter values
+    that make a light filter heavy (a large median window, say).
+    """
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(f"bad filter name {name!r}")
+    if cost not in ("light", "heavy"):
+        raise ValueError(f"cost must be 'light' or 'heavy', got {cost!r}")
+    infos(params)  # fails now if a field is not declared with param()
+
+    def decorate(fn: FilterFn[P]) -> FilterFn[P]:
+        if name in REGISTRY:
+            raise ValueError(f"filter {name!r} is already registered")
+        doc = (fn.__doc__ or "").strip().split("\n\n")[0]
+        REGISTRY[name] = FilterSpec(
+            name, fn, params, cost, " ".join(doc.split()), geometry, heavy_when
+        )
+        return fn
+
+    return decorate
+
+
+def describe_filters() -> list[dict[str, Any]]:
+    """Every filter with its parameters, types, ranges and defaults, sorted by name."""
+    return [REGISTRY[name].describe() for name in sorted(REGISTRY)]
