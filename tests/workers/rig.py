@@ -1,0 +1,119 @@
+"""A test that plays ventilator, sink and bus for one real ``imgpipe worker`` process."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from core.config import Settings
+from core.protocol import (
+    Claim,
+    Heartbeat,
+    Message,
+    Metric,
+    Result,
+    Task,
+    decode,
+    decode_topic,
+    encode,
+)
+from core.sockets import make_socket
+from tests.support import recv, settings_env
+
+
+class Rig:
+    """Binds the sockets a worker connects to (task PUSH per class, result PULL, bus SUB)
+    and starts the worker; :meth:`close` stops everything."""
+
+    def __init__(self, settings: Settings, ctx: zmq.Context[Any], *args: str,
+                 log: Path | None = None) -> None:
+        self.settings = settings
+        self.push = {cls: make_socket(ctx, zmq.PUSH, settings, bind=ep, sndhwm=1)
+                     for cls, ep in (("light", settings.light_task_endpoint),
+                                     ("heavy", settings.heavy_task_endpoint))}
+        self.results = make_socket(ctx, zmq.PULL, settings, bind=settings.result_endpoint)
+        self.bus = make_socket(ctx, zmq.SUB, settings, bind=settings.bus_endpoint,
+                               subscribe=(b"",))
+        self.seen: list[Message] = []
+        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "imgpipe", "worker", *args],
+                                     env=settings_env(settings), stdout=out,
+                                     stderr=subprocess.STDOUT)
+        if log:
+            out.close()  # type: ignore[union-attr]
+        self.log = log
+
+    # --- bus -----------------------------------------------------------------------------
+    def wait_bus(self, pred: Callable[[Message], bool], timeout: float = 20.0,
+                 what: str = "bus message") -> Message:
+        """The first bus message (seen or new) matching ``pred``; fails at the deadline."""
+        for msg in self.seen:
+            if pred(msg):
+                return msg
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self._alive()
+            if self.bus.poll(200):
+                msg = decode_topic(self.bus.recv_multipart())
+                self.seen.append(msg)
+                if pred(msg):
+                    return msg
+        raise AssertionError(f"no {what} within {timeout} s{self._tail()}")
+
+    def heartbeat(self, after: int = 0, timeout: float = 20.0) -> Heartbeat:
+        hb = self.wait_bus(lambda m: isinstance(m, Heartbeat) and m.seq > after, timeout,
+                           f"heartbeat after seq {after}")
+        assert isinstance(hb, Heartbeat)
+        return hb
+
+    def claims(self) -> list[Claim]:
+        return [m for m in self.seen if isinstance(m, Claim)]
+
+    def metric(self, pred: Callable[[Metric], bool], timeout: float = 20.0) -> Metric:
+        m = self.wait_bus(lambda m: isinstance(m, Metric) and pred(m), timeout, "metric")
+        assert isinstance(m, Metric)
+        return m
+
+    # --- tasks ---------------------------------------------------------------------------
+    def send(self, task: Task, cls: str = "light") -> None:
+        if not self.push[cls].poll(20_000, zmq.POLLOUT):
+            raise AssertionError(f"the worker did not take a {cls} task{self._tail()}")
+        self.push[cls].send_multipart(encode(task), copy=False)
+
+    def result(self, timeout: float = 30.0) -> Result:
+        try:
+            msg = decode(recv(self.results, timeout, copy=False), expect=Result)
+        except AssertionError as exc:
+            code = self.proc.poll()
+            raise AssertionError(f"{exc} (worker exit code {code}){self._tail()}") from None
+        assert isinstance(msg, Result)
+        return msg
+
+    # --- process -------------------------------------------------------------------------
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for sock in (*self.push.values(), self.results, self.bus):
+            sock.close(linger=0)
+
+    def _alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}{self._tail()}")
+
+    def _tail(self) -> str:
+        if self.log and self.log.exists():
+            return "\n--- worker log ---\n" + self.log.read_text(errors="replace")[-4000:]
+        return ""

@@ -1,0 +1,112 @@
+"""The filter pool: frames cross by shared memory, deaths and deadlines hit one task only."""
+
+from __future__ import annotations
+
+import multiprocessing.connection
+import time
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from filters import apply_chain, decode, parse_chain
+from tests.support import wait_for
+from tests.workers.images import jpeg
+from workers.pool import DeadlineExceeded, FilterFailed, FilterPool, ProcessDied
+from workers.shm import BufferSet
+
+CHAIN = "resize:w=1920|blur:radius=2|brightness:factor=1.1"
+
+
+def _load(buffers: BufferSet, img: np.ndarray) -> Any:
+    buf = buffers.acquire()
+    np.ndarray(img.shape, img.dtype, buffer=buf.ensure(img.nbytes))[...] = img
+    return buf
+
+
+def _result(buf: Any, out: Any) -> np.ndarray:
+    return np.ndarray(out.shape, np.dtype(out.dtype), buffer=buf.shm.buf).copy()
+
+
+@pytest.mark.slow
+def test_a_4k_frame_crosses_to_the_pool_without_pickling(
+        pool: FilterPool, buffers: BufferSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    img = decode(jpeg(3840, 2160, seed=1))
+    assert img.nbytes == 3840 * 2160 * 3  # 25 MB
+    buf = _load(buffers, img)
+
+    def no_pickles(*_a: Any, **_k: Any) -> None:
+        raise AssertionError("a pickled object crossed the filter pipe")
+
+    # Any pickled send/receive on a pool pipe would fail the test.
+    monkeypatch.setattr(multiprocessing.connection.Connection, "send", no_pickles)
+    monkeypatch.setattr(multiprocessing.connection.Connection, "recv", no_pickles)
+    before = pool.ipc_bytes
+    out = pool.run(buf.name, img.shape, img.dtype.str, CHAIN)
+    crossed = pool.ipc_bytes - before
+    assert out.ipc_bytes == crossed
+    assert crossed < 1024, f"{crossed} bytes crossed for a {img.nbytes}-byte frame"
+    assert out.shape == (1080, 1920, 3)
+    assert np.array_equal(_result(buf, out), apply_chain(img, parse_chain(CHAIN)))
+
+
+def test_a_result_larger_than_its_buffer_gets_a_bigger_segment(
+        pool: FilterPool, buffers: BufferSet) -> None:
+    img = decode(jpeg(320, 200, seed=2))
+    buf = _load(buffers, img)
+    small = buf.name
+    ops = "resize:w=1280"
+    out = pool.run(buf.name, img.shape, img.dtype.str, ops,
+                   grow=lambda n: (buf.ensure(n), buf.name)[1])
+    assert out.seg == buf.name != small
+    assert np.array_equal(_result(buf, out), apply_chain(img, parse_chain(ops)))
+
+
+def test_a_filter_that_raises_is_a_final_failure(pool: FilterPool, buffers: BufferSet) -> None:
+    img = decode(jpeg(200, 100))
+    buf = _load(buffers, img)
+    pids = pool.pids
+    with pytest.raises(FilterFailed, match="megapixels"):
+        pool.run(buf.name, img.shape, img.dtype.str, "resize:w=4000", max_pixels=1_000_000)
+    assert pool.pids == pids  # the process is fine and kept
+
+
+@pytest.mark.slow
+def test_a_dying_process_fails_its_task_only_and_is_replaced(
+        pool: FilterPool, buffers: BufferSet) -> None:
+    img = decode(jpeg(160, 120))
+    buf = _load(buffers, img)
+    (old,) = pool.pids
+    restarts = pool.restarts
+    with pytest.raises(ProcessDied, match="SIGKILL"):
+        pool.run(buf.name, img.shape, img.dtype.str, "crash")
+    assert pool.restarts == restarts + 1
+    (new,) = pool.pids
+    assert new != old and not psutil.pid_exists(old)
+    out = pool.run(buf.name, img.shape, img.dtype.str, "invert")
+    assert np.array_equal(_result(buf, out), 255 - img)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(40)
+def test_a_filter_past_its_deadline_is_stopped(pool: FilterPool, buffers: BufferSet) -> None:
+    img = decode(jpeg(160, 120))
+    buf = _load(buffers, img)
+    (old,) = pool.pids
+    # Sleeps 10 min: only stopping the process can end this within the test timeout.
+    with pytest.raises(DeadlineExceeded, match="deadline"):
+        pool.run(buf.name, img.shape, img.dtype.str, "sleep:ms=600000",
+                 deadline=time.time() + 1.0)
+    wait_for(lambda: not psutil.pid_exists(old), 5, what="the late process gone")
+    out = pool.run(buf.name, img.shape, img.dtype.str, "flip")
+    assert out.shape == img.shape
+
+
+def test_close_stops_every_process() -> None:
+    p = FilterPool(2)
+    pids = p.pids
+    assert len(pids) == 2 and all(psutil.pid_exists(pid) for pid in pids)
+    p.close()
+    wait_for(lambda: not any(psutil.pid_exists(pid) for pid in pids), 5,
+             what="pool processes gone")

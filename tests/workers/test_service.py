@@ -1,0 +1,163 @@
+"""A real ``imgpipe worker`` process against sockets this test binds (ventilator, sink, bus)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import zmq
+
+from core.protocol import Event, Heartbeat, Task
+from tests.support import make_settings, wait_for
+from tests.workers.images import jpeg
+from tests.workers.rig import Rig
+from tests.workers.test_pipeline import reference
+from workers.shm import leftovers, sweep
+
+
+def task(tid: str, data: bytes, ops: str, **kw: Any) -> Task:
+    return Task(task_id=tid, job_id="job1", n=int(tid[1:]), ops=ops, payload=data,
+                queued_at=time.time(), **kw)
+
+
+@pytest.fixture
+def rig_factory(tmp_path: Path, zctx: zmq.Context[Any]) -> Iterator[Any]:
+    rigs: list[Rig] = []
+
+    def start(*args: str, **overrides: Any) -> Rig:
+        s = make_settings(tmp_path / f"w{len(rigs)}", test_hooks=True,
+                          heartbeat_interval_s=0.3, metrics_interval_s=0.3, **overrides)
+        rig = Rig(s, zctx, *args, log=tmp_path / f"worker{len(rigs)}.log")
+        rigs.append(rig)
+        return rig
+
+    yield start
+    for rig in rigs:
+        rig.close()
+
+
+def pool_children(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_worker_processes_fails_retries_and_stops_cleanly(rig_factory: Any) -> None:
+    rig = rig_factory("--worker-slots", "2", "--worker-processes", "1")
+    pid = rig.proc.pid
+    hb = rig.heartbeat()
+    assert (hb.worker, hb.host, hb.pid) == (f"{socket.gethostname()}-{pid}",
+                                            socket.gethostname(), pid)
+    assert (hb.serves, hb.slots, hb.free, hb.state, hb.inflight) == ("all", 2, 2, "idle", [])
+    assert hb.started > 0 and hb.rss > 0
+    wid = hb.worker
+
+    # Real JPEGs, one of them 4K decoded at full size (no leading resize, so no reduced
+    # decode): byte-identical to the library run in this process.
+    jobs = {"t1": (jpeg(3840, 2160, seed=1), "brightness:factor=1.1|resize:w=1920"), "t2": (jpeg(640, 480), "sharpen|invert"),
+            "t3": (jpeg(800, 600, seed=2), "resize:w=200|encode:format=webp")}
+    for tid, (data, ops) in jobs.items():
+        rig.send(task(tid, data, ops))
+    got = {r.task_id: r for r in (rig.result() for _ in jobs)}
+    for tid, (data, ops) in jobs.items():
+        r = got[tid]
+        assert r.ok, r.error
+        assert bytes(r.payload) == reference(data, ops), tid
+        assert r.worker == wid and r.attempt == 1
+        assert set(r.timings) == {"queue", "decode", "filters", "encode", "total"}
+    assert (got["t1"].width, got["t1"].height, got["t1"].format) == (1920, 1080, "jpeg")
+    assert got["t3"].content_type == "image/webp"
+    rig.wait_bus(lambda m: len({c.task_id for c in rig.claims()}) == 3, what="3 claims")
+    assert all(c.worker == wid for c in rig.claims())
+
+    # The 4K frame went through shared memory: segments of >= 25 MB, a few hundred
+    # bytes of pipe traffic per task.
+    m = rig.metric(lambda m: m.values["tasks_done"] == 3)
+    assert m.role == "worker" and m.source == wid
+    assert m.values["shm_bytes"] >= 3840 * 2160 * 3
+    assert 0 < m.values["ipc_bytes"] < 3 * 1024
+    assert m.values["filters_ms_mean"] > 0 and m.values["decode_ms_last"] > 0
+
+    # A corrupt image is a final error; the worker goes on.
+    broken = jpeg(640, 480)
+    rig.send(task("t4", broken[: len(broken) // 3], "blur"))
+    r = rig.result()
+    assert (r.task_id, r.ok, r.retry) == ("t4", False, False) and "truncated" in r.error
+
+    # A filter process that dies: a retryable result, the next task is fine.
+    rig.send(task("t5", jpeg(320, 240), "crash"))
+    r = rig.result()
+    assert (r.task_id, r.ok, r.retry) == ("t5", False, True)
+    assert "filter process died" in r.error
+    seq = rig.heartbeat().seq
+    rig.send(task("t6", jpeg(320, 240), "invert"))
+    r = rig.result()
+    assert r.ok and bytes(r.payload) == reference(jpeg(320, 240), "invert")
+    assert rig.heartbeat(after=seq).seq > seq
+
+    # Past its deadline: stopped; heartbeats show it busy meanwhile.
+    rig.send(task("t7", jpeg(320, 240), "sleep:ms=600000", deadline=time.time() + 2))
+    busy = rig.wait_bus(lambda m: isinstance(m, Heartbeat) and "t7" in m.inflight,
+                        what="a busy heartbeat")
+    assert isinstance(busy, Heartbeat) and busy.state == "busy" and busy.free == 1
+    r = rig.result()
+    assert (r.task_id, r.ok, r.retry) == ("t7", False, True) and "deadline" in r.error
+    hb = rig.wait_bus(lambda m: isinstance(m, Heartbeat) and m.done == 4 and not m.inflight,
+                      what="counters")
+    assert isinstance(hb, Heartbeat) and hb.failed == 1
+    rig.wait_bus(lambda m: isinstance(m, Event) and m.what == "task_retry"
+                 and m.task_id == "t5", what="a retry event")
+
+    # SIGTERM with a task in hand: it is given back (retry), everything is cleaned up.
+    assert leftovers(pid)
+    children = pool_children(pid)
+    assert children
+    rig.send(task("t8", jpeg(320, 240), "sleep:ms=600000"))
+    rig.wait_bus(lambda m: isinstance(m, Heartbeat) and "t8" in m.inflight, what="t8 taken")
+    assert rig.stop(signal.SIGTERM) == 0
+    r = rig.result()
+    assert (r.task_id, r.ok, r.retry) == ("t8", False, True) and "stopping" in r.error
+    assert leftovers(pid) == []
+    wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+                             for c in children), 10, what="pool processes gone")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_heavy_worker_takes_heavy_tasks_only_and_sigkill_leaves_nothing_after_sweep(
+        rig_factory: Any) -> None:
+    rig = rig_factory("--serves", "heavy", "--worker-processes", "2", "--worker-slots", "1")
+    pid = rig.proc.pid
+    hb = rig.heartbeat()
+    assert (hb.serves, hb.slots) == ("heavy", 1)
+    data = jpeg(320, 240)
+    rig.send(task("t1", data, "denoise", cost="heavy"), "heavy")
+    r = rig.result()
+    assert r.ok and bytes(r.payload) == reference(data, "denoise")
+
+    # One slot: the next task is taken off the socket only once the first is done,
+    # though a second filter process is idle.
+    rig.send(task("t2", data, "sleep:ms=1500", cost="heavy"), "heavy")
+    rig.send(task("t3", data, "invert", cost="heavy"), "heavy")
+    assert [rig.result().task_id for _ in range(2)] == ["t2", "t3"]
+    rig.wait_bus(lambda m: {"t2", "t3"} <= {c.task_id for c in rig.claims()}, what="claims")
+    claimed = {c.task_id: c.ts for c in rig.claims()}
+    assert claimed["t3"] >= claimed["t2"] + 1.5
+    # Not connected to the light socket: a PUSH with no peer cannot send.
+    with pytest.raises(zmq.Again):
+        rig.push["light"].send_multipart([b"x"], zmq.NOBLOCK)
+
+    assert leftovers(pid), "the frame should sit in shared memory between tasks"
+    children = pool_children(pid)
+    assert len([c for c in children if c.name().startswith("python")]) >= 3  # 2 + server
+    assert rig.stop(signal.SIGKILL) == -signal.SIGKILL
+    sweep(pid)
+    assert leftovers(pid) == []
+    wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+                             for c in children), 15, what="orphaned pool processes gone")

@@ -1,0 +1,86 @@
+"""Shared-memory frame buffers: naming, reuse, growth, cleanup and sweep."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from multiprocessing import shared_memory
+
+import numpy as np
+import pytest
+
+from workers.shm import SHM_DIR, BufferSet, attach, leftovers, sweep
+
+FAKE_PID = 4_000_000 + os.getpid() % 100_000  # above pid_max: never a live process
+
+
+@pytest.fixture
+def buffers() -> Iterator[BufferSet]:
+    bs = BufferSet(2)
+    yield bs
+    bs.close()
+
+
+def test_segments_are_named_by_pid_and_reused_until_a_bigger_frame(buffers: BufferSet) -> None:
+    buf = buffers.acquire()
+    buf.ensure(1000)
+    first = buf.name
+    assert first.startswith(f"imgpipe-{os.getpid()}-") and first.split("-")[2].isdigit()
+    assert (SHM_DIR / first).exists()
+    buf.ensure(500)  # smaller: same segment, no new pages
+    assert buf.name == first and buffers.created == 1
+    buf.ensure(5 << 20)  # bigger: replaced, the old name is gone
+    assert buf.name != first and buf.size >= 5 << 20
+    assert not (SHM_DIR / first).exists()
+    assert buffers.names == [buf.name]
+    buffers.release(buf)
+    assert buffers.acquire(timeout=1) is not None
+
+
+def test_close_unlinks_everything_and_refuses_new_segments() -> None:
+    bs = BufferSet(3)
+    held = [bs.acquire() for _ in range(3)]
+    for i, buf in enumerate(held):
+        buf.ensure((i + 1) << 20)
+    assert len(leftovers(os.getpid())) >= 3
+    bs.close()
+    assert leftovers(os.getpid()) == []
+    with pytest.raises(RuntimeError):
+        held[0].ensure(10 << 20)
+    bs.close()  # idempotent
+
+
+def test_attach_sees_the_same_pixels(buffers: BufferSet) -> None:
+    buf = buffers.acquire()
+    frame = np.arange(64 * 48 * 3, dtype=np.uint8).reshape(48, 64, 3)
+    np.ndarray(frame.shape, np.uint8, buffer=buf.ensure(frame.nbytes))[...] = frame
+    mm = attach(buf.name)
+    try:
+        seen = np.ndarray(frame.shape, np.uint8, buffer=mm).copy()
+    finally:
+        mm.close()
+    assert np.array_equal(seen, frame)
+
+
+def _segment(name: str) -> None:
+    shm = shared_memory.SharedMemory(name=name, create=True, size=4096)
+    shm.close()
+    # Left behind on purpose, as by a killed worker; untrack so the tracker keeps quiet.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+
+
+def test_sweep_removes_only_that_pids_segments() -> None:
+    mine = [f"imgpipe-{FAKE_PID}-{k}" for k in range(3)]
+    others = [f"imgpipe-{FAKE_PID}0-0", f"imgpipe-{FAKE_PID}-x"]
+    for name in mine + others:
+        _segment(name)
+    try:
+        assert sweep(FAKE_PID) == 3
+        assert leftovers(FAKE_PID) == [f"imgpipe-{FAKE_PID}-x"]
+        assert (SHM_DIR / others[0]).exists()
+        assert sweep(FAKE_PID) == 0
+    finally:
+        for name in mine + others:
+            (SHM_DIR / name).unlink(missing_ok=True)

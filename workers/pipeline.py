@@ -1,0 +1,167 @@
+"""One task, start to finish: decode, filter in the pool, encode, a Result.
+
+:func:`process_task` is the worker's per-message logic, free of sockets so a test can
+call it directly. It runs on one of the worker's slot threads; decode and encode hold
+a *gate* (a semaphore of ``worker_threads``) because they burn CPU in OpenCV/Pillow
+with the GIL released, while the filter stage only waits on a pool process.
+
+Where the pixels live: the decoded frame is copied once into the slot's shared-memory
+buffer, the filter process reads it there and writes its result back into the same
+buffer (or a bigger one), and the encoder reads the result from there. Only the
+segment's name, shape and dtype cross the process boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from core.errors import FilterError, ImageError
+from core.protocol import Result, Task
+from filters import (
+    EncodeParams,
+    check_pixels,
+    content_type,
+    decode,
+    encode,
+    output_format,
+    parse_chain,
+    probe,
+)
+from workers.pool import DeadlineExceeded, FilterFailed, FilterPool, PoolError, ProcessDied
+from workers.shm import Buffer, BufferSet
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class Options:
+    """What ``process_task`` needs from the settings, plus the worker's name."""
+
+    worker: str
+    max_pixels: int
+    max_filters: int = 12
+    delay_ms: int = 0
+    gate: Any = field(default_factory=contextlib.nullcontext)
+
+
+def process_task(task: Task, pool: FilterPool, buffers: BufferSet, opts: Options, *,
+                 received: float | None = None) -> Result:
+    """Run ``task`` and return its Result: ok, final error, or retryable error.
+
+    ``received`` is when the worker took the task off its socket (``time.time()``);
+    timings are milliseconds: queue (queued -> received), decode, filters, encode and
+    total (received -> result ready, the worker's whole share).
+    """
+    received = time.time() if received is None else received
+    start = time.perf_counter()
+    timings: dict[str, float] = {
+        "queue": max(0.0, (received - task.queued_at) * 1000) if task.queued_at else 0.0}
+    result = Result(task_id=task.task_id, job_id=task.job_id, n=task.n, attempt=task.attempt,
+                    worker=opts.worker, ok=False, timings=timings)
+    try:
+        chain = parse_chain(task.ops, max_filters=opts.max_filters)
+        if opts.delay_ms:
+            time.sleep(opts.delay_ms / 1000)
+        buf = buffers.acquire()
+        try:
+            _run(task, chain, pool, buf, opts, result)
+        finally:
+            buffers.release(buf)
+    except (ImageError, FilterError, FilterFailed) as exc:
+        result.error = _message(exc)
+    except DeadlineExceeded as exc:
+        result.error, result.retry = str(exc), True
+    except ProcessDied as exc:
+        result.error, result.retry = str(exc), True
+    except PoolError as exc:
+        result.error, result.retry = f"filter pool unavailable: {exc}", True
+    except Exception as exc:  # noqa: BLE001 - one bad task must not stop the worker
+        log.exception("task %s failed unexpectedly", task.task_id)
+        result.error = f"internal error: {type(exc).__name__}: {exc}"
+    timings["total"] = (time.perf_counter() - start) * 1000
+    return result
+
+
+def _run(task: Task, chain: Any, pool: FilterPool, buf: Buffer, opts: Options,
+         result: Result) -> None:
+    timings = result.timings
+    with opts.gate:
+        t = time.perf_counter()
+        shape, dtype, fmt_in = decode_into(task.payload, chain, buf, opts.max_pixels)
+        timings["decode"] = (time.perf_counter() - t) * 1000
+    t = time.perf_counter()
+    out = pool.run(buf.name, shape, dtype, chain.canonical(), deadline=task.deadline,
+                   max_pixels=opts.max_pixels, grow=lambda nbytes: _grow(buf, nbytes))
+    timings["filters"] = (time.perf_counter() - t) * 1000
+    enc = chain.encode or EncodeParams()
+    fmt = output_format(fmt_in, enc.format)
+    with opts.gate:
+        t = time.perf_counter()
+        assert buf.shm is not None and buf.shm.name == out.seg
+        img = np.ndarray(out.shape, dtype=np.dtype(out.dtype), buffer=buf.shm.buf)
+        try:
+            data = encode(img, fmt, enc.quality)
+        finally:
+            del img
+        timings["encode"] = (time.perf_counter() - t) * 1000
+    result.ok = True
+    result.payload = data
+    result.height, result.width = int(out.shape[0]), int(out.shape[1])
+    result.format = fmt
+    result.content_type = content_type(fmt)
+
+
+def decode_into(data: Any, chain: Any, buf: Buffer, max_pixels: int
+                ) -> tuple[tuple[int, ...], str, str]:
+    """Decode ``data`` (reduced when the chain allows it) into ``buf``; shape, dtype, format.
+
+    The pixel limit is checked from the header before anything is decoded, for the
+    input and for every step's output size. The buffer is sized for the larger of the
+    frame and the chain's output, so the filter process rarely has to ask for more.
+    """
+    info = probe(data)
+    check_pixels(info, max_pixels)
+    factor = chain.reduce_factor(info.width, info.height)
+    img = decode(data, max_pixels=max_pixels, reduce=factor)
+    height, width = img.shape[:2]
+    out_w, out_h = chain.output_size(width, height, max_pixels=max_pixels)
+    channels = img.shape[2] if img.ndim == 3 else 1
+    need = max(img.nbytes, out_w * out_h * channels * img.itemsize)
+    view = np.ndarray(img.shape, dtype=img.dtype, buffer=buf.ensure(need))
+    try:
+        np.copyto(view, img)
+    finally:
+        del view
+    return tuple(img.shape), img.dtype.str, info.format
+
+
+def _grow(buf: Buffer, nbytes: int) -> str:
+    buf.ensure(nbytes)
+    return buf.name
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, ImageError):
+        return f"cannot decode image: {getattr(exc, 'detail', exc)}"
+    if isinstance(exc, FilterError):
+        return f"bad ops: {getattr(exc, 'detail', exc)}"
+    return str(exc)
+
+
+class Gate:
+    """A counting gate for the CPU-heavy stages (decode, encode): ``worker_threads`` wide."""
+
+    def __init__(self, width: int) -> None:
+        self._sem = threading.BoundedSemaphore(width)
+
+    def __enter__(self) -> None:
+        self._sem.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._sem.release()

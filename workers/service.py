@@ -1,0 +1,308 @@
+"""``imgpipe worker``: pull tasks, decode/filter/encode them, push results, report.
+
+Threads and processes of one worker::
+
+    main thread     PULL light/heavy tasks, PUSH results, PUB claims (owns these sockets)
+    slot threads    one per slot (worker_slots): process_task(), decode and encode
+                    under a gate worker_threads wide (OpenCV/Pillow release the GIL)
+    filter pool     worker_processes processes; pixels arrive through shared memory
+    monitor thread  PUB heartbeats, metrics and events (owns its own socket)
+
+Fairness comes from *not* receiving: the main thread polls its task sockets only
+while a slot is free, and they have ``rcvhwm=1``, so a busy worker's pipe stays full
+and the ventilator's PUSH (``sndhwm=1``) skips it. Slot threads hand results back
+through a queue plus one byte on a socketpair the main thread polls with its sockets.
+
+On SIGTERM the worker stops taking tasks, gives back (``retry``) what it received but
+had not started, lets running tasks finish for up to ``DRAIN_S`` seconds, gives back
+the rest, and unlinks its shared memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import queue
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import zmq
+
+from core.config import Settings, add_settings_args, settings_from_args
+from core.errors import ProtocolError
+from core.protocol import Claim, Result, Task, decode, encode, encode_topic
+from core.runtime import serve
+from core.sockets import make_socket
+from workers.child import tune_malloc
+from workers.monitor import Monitor, Stats, worker_id
+from workers.pipeline import Gate, Options, process_task
+from workers.pool import FilterPool
+from workers.shm import BufferSet
+
+log = logging.getLogger(__name__)
+
+DRAIN_S = 5.0
+POLL_MS = 200
+# OpenCV threads inside each filter process; see docs/worker.md for the measurements.
+POOL_CV2_THREADS = 1
+
+FLAGS = ("worker_serves", "worker_processes", "worker_threads", "worker_slots", "data_dir",
+         "light_task_endpoint", "heavy_task_endpoint", "result_endpoint", "bus_endpoint",
+         "dashboard_bus_endpoint", "heartbeat_interval_s", "metrics_interval_s", "log_level")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="imgpipe worker",
+        description="Run one worker: pull tasks from the ventilator, push results to the sink.")
+    add_settings_args(parser, *FLAGS)
+    settings = settings_from_args(parser.parse_args(argv))
+    return serve(run, settings, "worker")
+
+
+def task_endpoints(settings: Settings) -> list[str]:
+    """The task sockets a worker with ``worker_serves`` connects to."""
+    serves = settings.worker_serves
+    return [ep for cls, ep in (("light", settings.light_task_endpoint),
+                               ("heavy", settings.heavy_task_endpoint))
+            if serves in (cls, "all")]
+
+
+def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | None = None
+        ) -> None:
+    """Serve tasks until ``stop`` is set; leave no process or shared memory behind."""
+    stop = stop or threading.Event()
+    if settings.test_hooks:
+        from filters.testing import enable_test_filters
+
+        enable_test_filters()
+    tune_malloc()
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from the slot threads, not inside a decode
+    stats = Stats(worker=worker_id(), serves=settings.worker_serves,
+                  slots=settings.worker_slots)
+    buffers = BufferSet(settings.worker_slots)
+    pool: FilterPool | None = None
+    executor = ThreadPoolExecutor(settings.worker_slots, thread_name_prefix="slot")
+    monitor: Monitor | None = None
+    try:
+        pool = FilterPool(settings.worker_processes, cv2_threads=POOL_CV2_THREADS,
+                          test_hooks=settings.test_hooks)
+        live_pool = pool
+        monitor = Monitor(settings, ctx, stats, extra=lambda: {
+            "pool_processes": settings.worker_processes, "pool_restarts": live_pool.restarts,
+            "ipc_bytes": live_pool.ipc_bytes, "shm_bytes": buffers.total_bytes})
+        monitor.start()
+        monitor.event("worker_started", f"serves {settings.worker_serves}, "
+                      f"{settings.worker_slots} slots, {settings.worker_processes} processes")
+        log.info("worker %s serving %s from %s", stats.worker, settings.worker_serves,
+                 ", ".join(task_endpoints(settings)))
+        TaskLoop(settings, ctx, stats, pool, buffers, executor, monitor).run(stop)
+    finally:
+        if monitor is not None:
+            monitor.event("worker_stopped")
+        if pool is not None:
+            pool.close()
+        executor.shutdown(wait=True, cancel_futures=True)
+        buffers.close()
+        if monitor is not None:
+            monitor.stop()
+        log.info("worker %s stopped", stats.worker)
+
+
+class TaskLoop:
+    """The main thread: takes tasks while slots are free, sends results as they finish."""
+
+    def __init__(self, settings: Settings, ctx: zmq.Context[Any], stats: Stats,
+                 pool: FilterPool, buffers: BufferSet, executor: ThreadPoolExecutor,
+                 monitor: Monitor) -> None:
+        self.settings, self.ctx, self.stats = settings, ctx, stats
+        self.pool, self.buffers, self.executor, self.monitor = pool, buffers, executor, monitor
+        self.opts = Options(worker=stats.worker, max_pixels=settings.max_pixels,
+                            max_filters=settings.max_filters,
+                            delay_ms=settings.worker_delay_ms if settings.test_hooks else 0,
+                            gate=Gate(settings.worker_threads))
+        self.active: dict[int, Task] = {}  # serial -> task taken, result not yet sent
+        self.finished: queue.SimpleQueue[tuple[int, Result]] = queue.SimpleQueue()
+        self.outbox: deque[tuple[int, Result]] = deque()
+        self._serial = 0
+        self._turn = 0
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+
+    @property
+    def free(self) -> int:
+        return self.settings.worker_slots - len(self.active)
+
+    def run(self, stop: threading.Event) -> None:
+        s = self.settings
+        socks: list[zmq.Socket[Any]] = []
+        try:
+            self.tasks = [make_socket(self.ctx, zmq.PULL, s, connect=ep, rcvhwm=1,
+                                      options={zmq.IMMEDIATE: 1})
+                          for ep in task_endpoints(s)]
+            socks += self.tasks
+            self.results = make_socket(self.ctx, zmq.PUSH, s, connect=s.result_endpoint,
+                                       sndhwm=max(4, 2 * s.worker_slots))
+            socks.append(self.results)
+            self.claims = make_socket(self.ctx, zmq.PUB, s, connect=s.bus_endpoints)
+            socks.append(self.claims)
+            self._serve(stop)
+            self._drain()
+        finally:
+            if self.outbox and hasattr(self, "results"):
+                log.warning("%d result(s) not delivered at exit", len(self.outbox))
+            for sock in socks:
+                # Results already queued get a moment to leave; nothing else lingers.
+                sock.close(linger=1000 if sock is getattr(self, "results", None) else 0)
+            self._wake_r.close()
+            self._wake_w.close()
+
+    # --- the loop ----------------------------------------------------------------------
+    def _serve(self, stop: threading.Event) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        reading = False
+        while not stop.is_set():
+            if (self.free > 0) != reading:
+                reading = not reading
+                for sock in self.tasks:
+                    poller.modify(sock, zmq.POLLIN if reading else 0)
+            poller.modify(self.results, zmq.POLLOUT if self.outbox else 0)
+            events = dict(poller.poll(POLL_MS))
+            self._collect()
+            self._flush()
+            ready = [sock for sock in self.tasks if events.get(sock, 0) & zmq.POLLIN]
+            if len(ready) > 1:  # both classes waiting: alternate which goes first
+                self._turn ^= 1
+                ready = ready[self._turn:] + ready[:self._turn]
+            for sock in ready:
+                if self.free > 0:
+                    self._take(sock)
+
+    def _take(self, sock: zmq.Socket[Any]) -> None:
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        received = time.time()
+        try:
+            task = decode(frames, expect=Task)
+        except ProtocolError as exc:
+            with self.stats.lock:
+                self.stats.bad_messages += 1
+            log.warning("dropped a bad task message: %s", exc)
+            return
+        assert isinstance(task, Task)
+        self._serial += 1
+        serial = self._serial
+        self.active[serial] = task
+        self.stats.claim(task.task_id, task.attempt)
+        self.claims.send_multipart(encode_topic(Claim(
+            worker=self.stats.worker, task_id=task.task_id, attempt=task.attempt, ts=received)))
+        self.executor.submit(self._work, serial, task, received)
+
+    def _work(self, serial: int, task: Task, received: float) -> None:
+        """On a slot thread: the whole task, then a wake-up byte for the main thread."""
+        try:
+            result = process_task(task, self.pool, self.buffers, self.opts, received=received)
+        except BaseException as exc:  # noqa: BLE001 - process_task catches; this is a backstop
+            log.exception("slot thread failed on %s", task.task_id)
+            result = bounce(task, self.stats.worker, f"internal error: {exc}")
+        self.finished.put((serial, result))
+        with contextlib.suppress(OSError):  # the loop is gone; the drain gives it back
+            self._wake_w.send(b"\0")
+
+    def _collect(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        while True:
+            try:
+                serial, result = self.finished.get_nowait()
+            except queue.Empty:
+                return
+            if serial not in self.active:
+                continue  # given back while stopping
+            self.outbox.append((serial, result))
+            if result.retry:
+                self.monitor.event("task_retry", result.error, result.task_id)
+            elif not result.ok:
+                self.monitor.event("task_failed", result.error, result.task_id)
+
+    def _flush(self) -> None:
+        while self.outbox:
+            serial, result = self.outbox[0]
+            try:
+                self.results.send_multipart(encode(result), zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.outbox.popleft()
+            self.active.pop(serial, None)
+            self.stats.finish(result)
+
+    # --- stopping -------------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Give back unstarted tasks, let running ones finish briefly, give back the rest."""
+        for sock in self.tasks:
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    task = decode(frames, expect=Task)
+                except ProtocolError:
+                    continue
+                assert isinstance(task, Task)
+                self._serial += 1
+                self.active[self._serial] = task
+                self.outbox.append((self._serial, bounce(task, self.stats.worker,
+                                                         "worker stopping; not started")))
+        self.monitor.event("worker_stopping", f"{len(self.active)} task(s) in hand")
+        end = time.monotonic() + DRAIN_S
+        while self.active and time.monotonic() < end:
+            self._collect()
+            self._flush()
+            if self.active:
+                self._wake_r.settimeout(0.05)
+                try:
+                    self._wake_r.recv(4096)
+                except (TimeoutError, OSError):
+                    pass
+                finally:
+                    self._wake_r.setblocking(False)
+        self._collect()
+        queued = {serial for serial, _ in self.outbox}
+        for serial, task in list(self.active.items()):
+            if serial not in queued:
+                self.outbox.append((serial, bounce(task, self.stats.worker,
+                                                   "worker stopping; task interrupted")))
+        self._flush()
+        if self.outbox:  # the sink is slow or away: wait a little, not forever
+            self.results.sndtimeo = 1000
+            while self.outbox:
+                try:
+                    self.results.send_multipart(encode(self.outbox[0][1]), copy=False)
+                except zmq.Again:
+                    break
+                serial, result = self.outbox.popleft()
+                self.active.pop(serial, None)
+                self.stats.finish(result)
+
+
+def bounce(task: Task, worker: str, why: str) -> Result:
+    """A retryable Result that hands ``task`` back for another worker."""
+    return Result(task_id=task.task_id, job_id=task.job_id, n=task.n, attempt=task.attempt,
+                  worker=worker, ok=False, retry=True, error=why,
+                  timings={"queue": 0.0, "total": 0.0})
+
