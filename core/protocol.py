@@ -171,7 +171,12 @@ class Event(Message):
 class Done(Message):
     """Sink -> event PUB: an output reached a final state (``done``, ``failed``), or
     ``retry`` (a worker gave it back; the ventilator dispatches it again), or was a
-    ``duplicate`` (a late result for an output already final; dropped)."""
+    ``duplicate`` (a late result for an output already final; dropped).
+
+    ``attempt`` is the dispatch the result came from (0: unknown), so the ventilator
+    can ignore a ``retry`` from an attempt it has already replaced; ``error`` is the
+    reason of a ``retry`` or ``failed``.
+    """
 
     kind: ClassVar[str] = "done"
     task_id: str
@@ -179,6 +184,8 @@ class Done(Message):
     n: int
     state: str
     job_state: str = ""
+    attempt: int = 0
+    error: str = ""
 
 
 @dataclass

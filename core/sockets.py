@@ -18,6 +18,7 @@ from typing import Any
 import zmq
 
 from core.config import Settings
+from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,13 @@ _RECEIVES = {zmq.PULL, zmq.SUB, zmq.ROUTER, zmq.DEALER, zmq.REP, zmq.REQ, zmq.PA
 def make_socket(ctx: zmq.Context[Any], kind: int, settings: Settings, *,
                 bind: str | None = None, connect: str | tuple[str, ...] | None = None,
                 sndhwm: int | None = None, rcvhwm: int | None = None,
-                subscribe: tuple[bytes, ...] = ()) -> zmq.Socket[Any]:
-    """A configured socket that binds ``bind`` (on bind_host) or connects to ``connect``."""
+                subscribe: tuple[bytes, ...] = (),
+                options: dict[int, int] | None = None) -> zmq.Socket[Any]:
+    """A configured socket that binds ``bind`` (on bind_host) or connects to ``connect``.
+
+    ``options`` are extra integer socket options set before binding or connecting
+    (``{zmq.IMMEDIATE: 1}``: some only act on connections made after they are set).
+    """
     sock = ctx.socket(kind)
     try:
         sock.linger = 0
@@ -43,6 +49,8 @@ def make_socket(ctx: zmq.Context[Any], kind: int, settings: Settings, *,
         sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        for option, value in (options or {}).items():
+            sock.setsockopt(option, value)
         for topic in subscribe:
             sock.setsockopt(zmq.SUBSCRIBE, topic)
         if bind is not None:
@@ -68,6 +76,10 @@ def _curve_server(sock: zmq.Socket[Any], settings: Settings) -> None:
         return
     import zmq.auth
 
+    if not settings.curve_server_secret_file:
+        raise ConfigError("CURVE is on but this process binds a socket without "
+                          "IMGPIPE_CURVE_SERVER_SECRET_FILE: set it on stable nodes",
+                          field="curve_server_secret_file")
     public, secret = zmq.auth.load_certificate(settings.curve_server_secret_file)
     if secret is None:
         raise ValueError(f"{settings.curve_server_secret_file} holds no secret key")

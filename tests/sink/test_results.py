@@ -1,0 +1,95 @@
+"""The sink's per-result logic on a real job store: first result wins, the rest are counted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.errors import ProtocolError
+from core.protocol import Result
+from core.store import Store, new_job_id, task_id
+from sink.results import ResultHandler
+
+
+def make_job(store: Store, chains: int = 2) -> str:
+    job = new_job_id()
+    store.save_original(job, 0, "png", b"orig")
+    store.create_job(job, [("png", 4, 4, 4)], [(f"resize:w={c + 1}", "light")
+                                               for c in range(chains)])
+    return job
+
+
+def result(job: str, n: int, *, ok: bool = True, payload: bytes = b"PNGDATA",
+           worker: str = "w1", attempt: int = 1, retry: bool = False,
+           error: str = "") -> Result:
+    return Result(task_id=task_id(job, n), job_id=job, n=n, attempt=attempt, worker=worker,
+                  ok=ok, error=error, width=2, height=3, content_type="image/png",
+                  format="png", timings={"decode": 1.0, "total": 4.0}, retry=retry,
+                  payload=payload)
+
+
+def test_first_result_wins_and_later_ones_are_duplicates(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = make_job(store)
+    h = ResultHandler(store)
+    done = h.handle(result(job, 0, payload=b"first"))
+    assert (done.state, done.job_state, done.attempt) == ("done", "running", 1)
+    late = h.handle(result(job, 0, payload=b"second", worker="w2", attempt=2))
+    assert late.state == "duplicate"
+    path = store.output_path(job, 0, "png")
+    assert path.read_bytes() == b"first"
+    row = store.output(job, 0)
+    assert (row["state"], row["worker"], row["attempts"], row["bytes"]) == ("done", "w1", 1, 5)
+    snap = h.counters.snapshot()
+    assert (snap["results"], snap["written"], snap["duplicates"], snap["bytes"]) == (2, 1, 1, 5)
+    assert snap["write_ms_max"] > 0 and h.counters.snapshot()["write_ms_max"] == 0.0
+
+
+def test_retry_leaves_the_output_open_and_a_plain_failure_is_final(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = make_job(store)
+    h = ResultHandler(store)
+    back = h.handle(result(job, 0, ok=False, retry=True, error="filter process died"))
+    assert (back.state, back.error) == ("retry", "filter process died")
+    assert store.output(job, 0)["state"] == "queued"
+    bad = h.handle(result(job, 1, ok=False, error="corrupt JPEG"))
+    assert (bad.state, bad.job_state) == ("failed", "running")
+    assert store.output(job, 1)["error"] == "corrupt JPEG"
+    assert h.handle(result(job, 0)).job_state == "partial"
+    assert h.handle(result(job, 1)).state == "duplicate"
+    assert not store.output_path(job, 1, "png").exists()
+
+
+def test_a_result_for_an_output_failed_meanwhile_leaves_no_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path)
+    job = make_job(store, chains=1)
+    store.fail(task_id(job, 0), "lost on 3 attempts: ...")
+    monkeypatch.setattr(store, "is_final", lambda _tid: False)  # lose the race on purpose
+    done = ResultHandler(store).handle(result(job, 0))
+    assert done.state == "duplicate"
+    assert not store.output_path(job, 0, "png").exists()
+    assert store.output(job, 0)["state"] == "failed"
+
+
+def test_mismatched_ids_are_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = make_job(store)
+    res = result(job, 0)
+    res.n = 1
+    with pytest.raises(ProtocolError):
+        ResultHandler(store).handle(res)
+    assert store.output(job, 1)["state"] == "queued"
+
+
+def test_half_written_files_of_a_killed_sink_are_removed_at_start(tmp_path: Path) -> None:
+    from sink.service import remove_orphans
+
+    store = Store(tmp_path)
+    job = make_job(store)
+    kept = store.write_output(job, 0, "png", b"done")
+    orphan = kept.parent / ".tmp-abc123"
+    orphan.write_bytes(b"half")
+    assert remove_orphans(store) == 1
+    assert not orphan.exists() and kept.read_bytes() == b"done"

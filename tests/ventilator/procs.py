@@ -1,0 +1,144 @@
+"""Helpers for pipeline tests with real processes: spawn components, make jobs, count.
+
+Each component runs as ``python -m imgpipe <command>`` with the test's settings in its
+environment and its log in a file under the test's temp dir (printed on failure).
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+from PIL import Image
+
+from core.config import Settings
+from core.control import ask
+from core.protocol import decode_topic
+from core.store import Store, new_job_id
+from filters import parse_chain
+from tests.support import settings_env, wait_for
+
+
+class Procs:
+    """Child processes of one test; :meth:`stop_all` kills whatever is left."""
+
+    def __init__(self, settings: Settings, logs: Path) -> None:
+        self.settings = settings
+        self.logs = logs
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.all: list[subprocess.Popen[bytes]] = []
+        self.count = 0
+
+    def start(self, name: str, command: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        assert name not in self.procs, f"{name} is already running"
+        self.count += 1
+        path = self.logs / f"{self.count:02d}-{name}.log"
+        with open(path, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "imgpipe", command, *args],
+                                    env={**settings_env(self.settings), **env},
+                                    stdout=out, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        self.all.append(proc)
+        return proc
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(sig)
+        proc.wait(30)
+
+    def stop_all(self) -> None:
+        for proc in self.all:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.all:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def log_tail(self) -> str:
+        parts = []
+        for path in sorted(self.logs.glob("*.log")):
+            parts.append(f"--- {path.name} ---\n{path.read_text(errors='replace')[-3000:]}")
+        return "\n".join(parts)
+
+
+def jpeg(seed: int, width: int = 96, height: int = 64) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def make_job(store: Store, images: int, chains: list[str], seed: int = 0) -> str:
+    """Record a job the way the gateway does: originals on disk first, then the rows."""
+    job = new_job_id()
+    infos = []
+    for i in range(images):
+        data = jpeg(seed * 100 + i)
+        store.save_original(job, i, "jpeg", data)
+        infos.append(("jpeg", 96, 64, len(data)))
+    parsed = [parse_chain(c) for c in chains]
+    store.create_job(job, infos, [(c.canonical(), c.cost) for c in parsed])
+    return job
+
+
+def outputs(store: Store, jobs: list[str]) -> list[dict[str, Any]]:
+    return [o for job in jobs for o in store.job(job)["outputs"]]
+
+
+def wait_final(store: Store, jobs: list[str], timeout: float, procs: Procs) -> None:
+    def all_final() -> bool:
+        return all(store.job(j)["state"] in ("done", "failed", "partial") for j in jobs)
+
+    try:
+        wait_for(all_final, timeout, interval=0.2, what="every job final")
+    except AssertionError as exc:
+        states = [o["state"] for o in outputs(store, jobs)]
+        raise AssertionError(f"{exc}; output states {sorted(set(states))} "
+                             f"{ {s: states.count(s) for s in set(states)} }\n"
+                             f"{procs.log_tail()}") from None
+
+
+def ask_ok(ctx: zmq.Context[Any], settings: Settings, op: str) -> Any:
+    return ask(ctx, settings, op, timeout=2.0)
+
+
+def live_workers(ctx: zmq.Context[Any], settings: Settings) -> list[dict[str, Any]]:
+    return [w for w in ask_ok(ctx, settings, "workers") if w["state"] != "lost"]
+
+
+def bus_messages(sock: zmq.Socket[Any]) -> Iterator[Any]:
+    """Every message waiting on a SUB socket, decoded (no waiting)."""
+    while True:
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        yield decode_topic(frames)
+
+
+def check_exactly_once(store: Store, jobs: list[str]) -> list[dict[str, Any]]:
+    """Every output done, with one file that decodes at its recorded size, no temp file."""
+    outs = outputs(store, jobs)
+    assert [o["state"] for o in outs] == ["done"] * len(outs), \
+        [(o["n"], o["state"], o["error"]) for o in outs if o["state"] != "done"]
+    for job in jobs:
+        doc = store.job(job)
+        files = sorted(p.name for p in (store.root / "outputs" / job).iterdir())
+        assert files == sorted(f"{o['n']}.jpg" for o in doc["outputs"]), files
+        for o in doc["outputs"]:
+            with Image.open(store.output_path(job, o["n"], "jpeg")) as img:
+                assert img.size == (o["width"], o["height"]) == (64, 43)
+    return outs

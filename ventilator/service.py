@@ -1,0 +1,279 @@
+"""``imgpipe ventilator``: the only dispatcher. One thread owns every socket.
+
+Sockets (stable node: it binds, except the event SUB and its own PUB)::
+
+    intake   PULL   bind  intake_endpoint      Notice from the gateway: rescan now
+    light    PUSH   bind  light_task_endpoint  Task, sndhwm=1
+    heavy    PUSH   bind  heavy_task_endpoint  Task, sndhwm=1
+    bus      SUB    bind  bus_endpoint         Heartbeat, Claim, Metric from everyone
+    events   SUB    conn  event_endpoint       Done from the sink
+    control  ROUTER bind  control_endpoint     Request -> Reply (ping, workers, stats)
+    pub      PUB    conn  bus_endpoints        our Metric and Event
+
+Credit by not reading: a task socket is written only while ZeroMQ says it has room
+(``POLLOUT``), and with a high-water mark of one per worker pipe a busy worker's pipe
+stays full and is skipped, so tasks wait here, in the ventilator's queue, instead of
+piling up behind a slow worker. Nothing here blocks: sends use NOBLOCK and a task
+that does not fit goes back to the front of its queue. See docs/pipeline.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from core.config import Settings, add_settings_args, settings_from_args
+from core.errors import ImgpipeError, ProtocolError
+from core.protocol import (
+    TOPIC_CLAIM,
+    TOPIC_DONE,
+    TOPIC_HEARTBEAT,
+    TOPIC_METRIC,
+    Claim,
+    Done,
+    Event,
+    Heartbeat,
+    Metric,
+    Notice,
+    Reply,
+    Request,
+    Task,
+    decode,
+    decode_topic,
+    encode,
+    encode_topic,
+)
+from core.runtime import serve
+from core.sockets import make_socket, start_authenticator
+from core.store import Store
+from ventilator.dispatcher import Action, Dispatcher, Fail
+from ventilator.registry import CLASSES
+
+log = logging.getLogger(__name__)
+
+SCAN_LIMIT = 10_000   # open outputs read per rescan (queue_limit is far below)
+TICK_S = 0.1          # lease and liveness checks, seconds
+DRAIN = 500           # messages read from one socket per loop turn, so none starves
+BURST = 32            # tasks sent per socket per loop turn
+# Kernel send buffer of the task sockets, bytes: what may sit in the kernel for one
+# worker beyond the one-message high-water mark. Small, so a busy worker is not
+# pre-assigned a batch of small tasks (measured in docs/pipeline.md).
+TASK_OPTIONS = {zmq.SNDBUF: 8 * 1024}
+
+
+class Ventilator:
+    """Sockets plus a :class:`Dispatcher`; :meth:`loop` runs until ``stop`` is set."""
+
+    def __init__(self, settings: Settings, ctx: zmq.Context[Any]) -> None:
+        self.settings = settings
+        self.store = Store(settings.data_dir)
+        self.source = f"ventilator@{socket.gethostname()}:{os.getpid()}"
+        self.disp = Dispatcher(settings, source=self.source, is_final=self.store.is_final,
+                               start=time.time())
+        self.seq = 0
+        self.socks: list[zmq.Socket[Any]] = []
+
+        def sock(kind: int, **kw: Any) -> zmq.Socket[Any]:
+            s = make_socket(ctx, kind, settings, **kw)
+            self.socks.append(s)
+            return s
+
+        self.intake = sock(zmq.PULL, bind=settings.intake_endpoint)
+        self.tasks = {
+            cls: sock(zmq.PUSH, bind=endpoint, sndhwm=1, options=TASK_OPTIONS)
+            for cls, endpoint in (("light", settings.light_task_endpoint),
+                                  ("heavy", settings.heavy_task_endpoint))}
+        self.bus = sock(zmq.SUB, bind=settings.bus_endpoint,
+                        subscribe=(TOPIC_HEARTBEAT, TOPIC_CLAIM, TOPIC_METRIC))
+        self.events = sock(zmq.SUB, connect=settings.event_endpoint, subscribe=(TOPIC_DONE,))
+        self.control = sock(zmq.ROUTER, bind=settings.control_endpoint)
+        self.pub = sock(zmq.PUB, connect=settings.bus_endpoints)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close(linger=0)
+        self.store.close()
+
+    # --- the loop ------------------------------------------------------------------------
+    def loop(self, stop: threading.Event) -> None:
+        self.rescan(time.time())
+        log.info("ventilator up: %d open outputs (%d recovered from a previous run)",
+                 len(self.disp.entries), self.disp.counters["recovered"])
+        poller = zmq.Poller()
+        readers = {self.intake: self.on_intake, self.bus: self.on_bus,
+                   self.events: self.on_event, self.control: self.on_control}
+        for s in readers:
+            poller.register(s, zmq.POLLIN)
+        next_tick = next_metric = 0.0
+        while not stop.is_set():
+            now = time.time()
+            if self.disp.wants_rescan(now):
+                self.rescan(now)
+            if now >= next_tick:
+                self.execute(self.disp.tick(now))
+                next_tick = now + TICK_S
+            if now >= next_metric:
+                self.publish_metric(now)
+                next_metric = now + self.settings.metrics_interval_s
+            self.dispatch()
+            for cls, s in self.tasks.items():
+                poller.register(s, zmq.POLLOUT if self.disp.has_work(cls) else 0)
+            wait = min(next_tick, next_metric, self.disp.next_rescan) - time.time()
+            for s, _ in poller.poll(max(0, int(wait * 1000)) + 1):
+                handler = readers.get(s)
+                if handler is not None:
+                    self.drain(s, handler)
+
+    def drain(self, s: zmq.Socket[Any], handler: Any) -> None:
+        for _ in range(DRAIN):
+            try:
+                frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except ProtocolError as exc:
+                log.warning("dropped a bad message: %s", exc)
+            except Exception:
+                log.exception("error handling a message")
+
+    # --- inbound -------------------------------------------------------------------------
+    def on_intake(self, frames: list[Any]) -> None:
+        decode(frames, expect=Notice)
+        self.disp.on_notice(time.time())
+
+    def on_bus(self, frames: list[Any]) -> None:
+        msg = decode_topic(frames)
+        now = time.time()
+        if isinstance(msg, Heartbeat):
+            self.execute(self.disp.on_heartbeat(msg, now))
+        elif isinstance(msg, Claim):
+            self.disp.on_claim(msg, now)
+        elif isinstance(msg, Metric):
+            self.disp.on_metric(msg, now)
+
+    def on_event(self, frames: list[Any]) -> None:
+        msg = decode_topic(frames)
+        if isinstance(msg, Done):
+            self.execute(self.disp.on_done(msg, time.time()))
+
+    def on_control(self, frames: list[Any]) -> None:
+        envelope, body = frames[:-1], frames[-1]
+        try:
+            req = decode([body], expect=Request)
+            assert isinstance(req, Request)
+            reply = Reply(ok=True, data=self.answer(req.op, time.time()))
+        except (ProtocolError, KeyError) as exc:
+            reply = Reply(ok=False, error=str(exc))
+        try:
+            self.control.send_multipart([*envelope, *encode(reply)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("control reply dropped: the asker's pipe is full")
+
+    def answer(self, op: str, now: float) -> Any:
+        """The data of a control reply; the shapes are written in core/control.py."""
+        if op == "ping":
+            return {"role": "ventilator", "pid": os.getpid(),
+                    "uptime_s": round(now - self.disp.started, 3)}
+        if op == "workers":
+            return self.disp.registry.listing(now)
+        if op == "stats":
+            return self.disp.stats(now)
+        raise KeyError(f"unknown op {op!r}: ask ping, workers or stats")
+
+    # --- outbound ------------------------------------------------------------------------
+    def rescan(self, now: float) -> None:
+        try:
+            tasks = self.store.open_tasks(limit=SCAN_LIMIT)
+        except Exception:
+            log.exception("job store rescan failed; retrying in %s s",
+                          self.settings.rescan_interval_s)
+            self.disp.next_rescan = now + self.settings.rescan_interval_s
+            return
+        self.disp.load(tasks, now, complete=len(tasks) < SCAN_LIMIT)
+
+    def dispatch(self) -> None:
+        """Send queued tasks while their sockets have room, alternating the classes."""
+        for _ in range(BURST):
+            sent = False
+            for cls in CLASSES:
+                s = self.tasks[cls]
+                if self.disp.has_work(cls) and int(s.getsockopt(zmq.EVENTS)) & zmq.POLLOUT:
+                    sent = self.send_one(cls, s) or sent
+            if not sent:
+                return
+
+    def send_one(self, cls: str, s: zmq.Socket[Any]) -> bool:
+        now = time.time()
+        e = self.disp.next_task(cls, now)
+        if e is None:
+            return False
+        t = e.task
+        try:
+            payload = self.store.read_original(t.job_id, t.image)
+        except (ImgpipeError, OSError) as exc:
+            self.disp.drop(t.task_id)
+            self.store.fail(t.task_id, f"original image unreadable: {exc}", attempt=e.attempt)
+            return True
+        if not self.store.mark_dispatched(t.task_id, e.attempt, now=now):
+            self.disp.drop(t.task_id)  # finished meanwhile
+            return True
+        task = Task(task_id=t.task_id, job_id=t.job_id, n=t.n, ops=t.ops, attempt=e.attempt,
+                    cost=t.cost, queued_at=t.queued_at, dispatched_at=now,
+                    deadline=now + self.settings.task_timeout_s, payload=payload)
+        try:
+            s.send_multipart(encode(task), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.disp.put_back(t.task_id)
+            return False
+        return True
+
+    def execute(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Fail):
+                try:
+                    self.store.fail(a.task_id, a.reason, attempt=a.attempt)
+                except Exception:
+                    log.exception("could not mark %s failed", a.task_id)
+            elif isinstance(a, Event):
+                level = logging.WARNING if a.what in ("worker_lost", "task_failed") \
+                    else logging.INFO
+                log.log(level, "%s %s %s %s", a.what, a.worker, a.task_id, a.detail)
+                self.pub.send_multipart(encode_topic(a), zmq.NOBLOCK)
+
+    def publish_metric(self, now: float) -> None:
+        self.seq += 1
+        msg = Metric(source=self.source, role="ventilator", seq=self.seq, ts=now,
+                     values=self.disp.metric_values(now))
+        self.pub.send_multipart(encode_topic(msg), zmq.NOBLOCK)
+
+
+def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | None = None) -> None:
+    auth = start_authenticator(ctx, settings)
+    vent = Ventilator(settings, ctx)
+    try:
+        vent.loop(stop or threading.Event())
+    finally:
+        vent.close()
+        if auth is not None:
+            auth.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imgpipe ventilator", description=__doc__.split("\n")[0])
+    add_settings_args(parser, "data_dir", "bind_host", "intake_endpoint",
+                      "light_task_endpoint", "heavy_task_endpoint", "bus_endpoint",
+                      "event_endpoint", "control_endpoint", "dashboard_bus_endpoint",
+                      "task_timeout_s", "max_attempts", "heartbeat_interval_s",
+                      "heartbeat_liveness", "lost_visible_s", "rescan_interval_s",
+                      "metrics_interval_s", "log_level")
+    settings = settings_from_args(parser.parse_args(list(argv or [])))
+    return serve(run, settings, "ventilator")
