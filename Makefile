@@ -42,12 +42,12 @@ lint: install
 	$(BIN)/mypy
 
 # Under Docker Compose when a compose stack runs, else the local stack.
-scale: install
+scale:
 	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 \
 	    && [ -n "$$($(COMPOSE) ps -q 2>/dev/null)" ]; then \
 	  $(COMPOSE) up -d --scale worker=$(N) --no-recreate; \
 	else \
-	  $(BIN)/imgpipe scale $(N); \
+	  make --no-print-directory install && $(BIN)/imgpipe scale $(N); \
 	fi
 
 compose-up:

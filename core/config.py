@@ -65,8 +65,8 @@ class Settings:
     curve_server_secret_file: str = _doc(
         "CURVE: stable nodes' secret key file (zmq.auth format); empty: no encryption", "")
     curve_server_public_file: str = _doc("CURVE: stable nodes' public key file", "")
-    curve_client_secret_file: str = _doc("CURVE: connecting peers' secret key file", "")
-    curve_client_public_file: str = _doc("CURVE: connecting peers' public key file", "")
+    curve_client_secret_file: str = _doc(
+        "CURVE: this peer's secret key file when it connects (its public key is inside)", "")
     curve_authorized_dir: str = _doc(
         "CURVE: folder of public keys allowed to connect; empty: any client with the server key",
         "")
@@ -169,9 +169,10 @@ class Settings:
         if self.autoscale:
             need(parse_range(self.autoscale) is not None, "autoscale",
                  "use MIN:MAX with 1 <= MIN <= MAX, e.g. 1:6")
-        curve = (self.curve_server_public_file, self.curve_server_secret_file)
-        need(all(curve) or not any(curve), "curve_server_public_file",
-             "set both CURVE server key files, or neither")
+        need(self.curve_enabled or not (self.curve_server_secret_file
+                                        or self.curve_client_secret_file),
+             "curve_server_public_file",
+             "set the CURVE server public key file too (every peer needs it), or no CURVE file")
         return self
 
     # --- derived ----------------------------------------------------------------------
@@ -189,7 +190,13 @@ class Settings:
 
     @property
     def curve_enabled(self) -> bool:
-        return bool(self.curve_server_public_file and self.curve_server_secret_file)
+        """CURVE is on when the server's public key and some secret key are set.
+
+        Stable nodes need the server secret; a connecting peer (a remote worker)
+        needs only the server's public key and its own key pair.
+        """
+        return bool(self.curve_server_public_file
+                    and (self.curve_server_secret_file or self.curve_client_secret_file))
 
     @property
     def db_path(self) -> Path:

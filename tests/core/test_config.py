@@ -44,7 +44,7 @@ def test_from_env_rejects_bad_values(env: dict[str, str], needle: str) -> None:
     ({"worker_serves": "medium"}, "light, heavy or all"),
     ({"autoscale": "5:2"}, "MIN:MAX"),
     ({"max_message_bytes": 10}, "larger than IMGPIPE_MAX_UPLOAD_BYTES"),
-    ({"curve_server_public_file": "/k.key"}, "both CURVE"),
+    ({"curve_client_secret_file": "/k.key_secret"}, "server public key"),
 ])
 def test_validate_says_what_to_change(overrides: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):

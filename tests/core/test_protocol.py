@@ -8,8 +8,22 @@ import zmq
 
 from core.errors import ProtocolError
 from core.protocol import (
-    TOPIC_HEARTBEAT, VERSION, Claim, Done, Event, Heartbeat, Metric, Notice, Reply, Request,
-    Result, Task, decode, decode_topic, encode, encode_topic,
+    TOPIC_HEARTBEAT,
+    VERSION,
+    Claim,
+    Done,
+    Event,
+    Heartbeat,
+    Metric,
+    Notice,
+    Reply,
+    Request,
+    Result,
+    Task,
+    decode,
+    decode_topic,
+    encode,
+    encode_topic,
 )
 from tests.support import recv
 
