@@ -43,6 +43,10 @@ DRAIN_TARGET_S = 10.0  # seconds in which a scaled-up fleet should empty the que
 TARGET_UTIL = 0.6      # busy share a scaled-down fleet should run at
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _num(value: Any) -> float:
     try:
         out = float(value)
@@ -53,7 +57,7 @@ def _num(value: Any) -> float:
 
 def recommend(m: dict[str, Any]) -> dict[str, Any]:
     """Advice for one observation of ``/api/metrics`` (missing numbers count as 0)."""
-    fleet = m.get("workers") if isinstance(m.get("workers"), dict) else {}
+    fleet = _dict(m.get("workers"))
     alive = int(_num(fleet.get("alive")))
     busy = min(int(_num(fleet.get("busy"))), alive)
     lost = int(_num(fleet.get("lost")))
@@ -147,7 +151,7 @@ class Autoscaler:
         advice = recommend(metrics)
         self.last = advice
         if self.current is None:
-            fleet = metrics.get("workers") if isinstance(metrics.get("workers"), dict) else {}
+            fleet = _dict(metrics.get("workers"))
             self.current = int(_num(fleet.get("alive")))
         if not self.lo <= self.current <= self.hi:
             return self._change(min(max(self.current, self.lo), self.hi), now)

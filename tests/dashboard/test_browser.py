@@ -1,0 +1,117 @@
+"""The dashboard in a real headless Chromium, over a real local stack (`imgpipe up`).
+
+Starts the whole stack with two real workers and the dashboard as its child, puts one
+job through it, loads the page, waits until the workers' ids are on it, and saves a
+screenshot to ``artifacts/dashboard.png``. Debian's chromium (``.ci/system-deps.sh``)
+drives it; the test skips only when chromium is missing and CI is unset.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from core.config import Settings
+from tests.support import settings_env, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOT = ROOT / "artifacts" / "dashboard.png"
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def need_chromium() -> None:
+    if os.path.exists(CHROMIUM) or shutil.which("chromium"):
+        return
+    if os.environ.get("CI"):
+        pytest.fail("chromium is missing on CI: .ci/system-deps.sh should have installed it")
+    pytest.skip("chromium not installed (run `bash .ci/system-deps.sh` as root)")
+
+
+@pytest.fixture
+def stack(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
+    """`imgpipe up --workers 2` (gateway, ventilator, sink, workers, dashboard)."""
+    log = (tmp_path / "up.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "imgpipe", "up", "--workers", "2"],
+                            env=settings_env(settings), cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield settings
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)   # the group this test started
+            proc.wait(10)
+        log.close()
+        if proc.returncode not in (0, -signal.SIGKILL):
+            print((tmp_path / "up.log").read_text(errors="replace")[-4000:])
+
+
+def worker_ids(settings: Settings) -> list[str]:
+    body = httpx.get(f"{settings.gateway_url}/api/workers", timeout=3).json()
+    rows = body.get("workers", []) if isinstance(body, dict) else body
+    return sorted(w["id"] for w in rows if w.get("state") != "lost")
+
+
+def png(width: int, height: int) -> bytes:
+    img = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    out = io.BytesIO()
+    img.save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.timeout(600)
+def test_dashboard_shows_the_running_workers(stack: Settings) -> None:
+    need_chromium()
+    from playwright.sync_api import sync_playwright
+
+    ids = wait_for(lambda: (ids := worker_ids(stack)) and len(ids) == 2 and ids, 180,
+                   interval=0.5, what="two workers in /api/workers")
+    resp = httpx.post(f"{stack.gateway_url}/api/process/?wait=60",
+                      files=[("image", ("g.png", png(640, 400), "image/png"))],
+                      data={"ops": ["resize:w=320", "sepia"]}, timeout=90)
+    assert resp.status_code == 200 and resp.json()["state"] == "done", resp.text
+    url = f"http://{stack.gateway_host}:{stack.dashboard_port}/"
+    wait_for(lambda: httpx.get(url + "_stcore/health", timeout=3).status_code == 200, 180,
+             interval=0.5, what="the dashboard's health endpoint")
+
+    SHOT.parent.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 2100})
+            page.goto(url, timeout=120_000)
+            for wid in ids:                                  # the fleet table is HTML
+                page.get_by_role("cell", name=wid, exact=True).wait_for(timeout=240_000)
+            advice = page.locator('[data-testid="stAlert"]').first
+            advice.wait_for(timeout=60_000)
+            assert any(a in advice.inner_text() for a in ("SCALE_UP", "MAINTAIN",
+                                                          "SCALE_DOWN"))
+            page.locator('[data-testid="stImage"] img').first.wait_for(timeout=120_000)
+            page.wait_for_timeout(2000)                      # one more refresh drawn
+            # Charts redraw every second; shoot when all four have their data drawn.
+            page.wait_for_function(
+                """() => [...document.querySelectorAll('.js-plotly-plot')].filter(
+                     p => p.querySelector('.scatterlayer .trace, .barlayer .trace')).length >= 4""",
+                timeout=240_000, polling=100)
+            page.screenshot(path=str(SHOT), timeout=120_000, animations="disabled")
+        finally:
+            browser.close()
+    assert SHOT.stat().st_size > 10_000
+    with Image.open(SHOT) as img:
+        assert img.size == (1440, 2100)
