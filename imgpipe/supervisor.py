@@ -189,7 +189,10 @@ class Supervisor:
             n = req.args.get("workers")
             if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 64:
                 return Reply(ok=False, error="scale needs 'workers': a whole number 0..64")
-            return Reply(ok=True, data={"workers": self.set_workers(n)})
+            count = self.set_workers(n)
+            if self._scaler is not None:
+                self._scaler.current = count  # a person's decision resets the autoscaler
+            return Reply(ok=True, data={"workers": count})
         return Reply(ok=False, error=f"unknown op {req.op!r}: use status or scale")
 
     def run(self, ctx: zmq.Context[Any], stop: threading.Event) -> None:
@@ -231,7 +234,7 @@ class Supervisor:
 
         assert self.autoscale is not None
         if self._scaler is None:
-            self._scaler = Autoscaler(*self.autoscale)
+            self._scaler = Autoscaler(*self.autoscale, current=len(self.workers()))
         try:
             metrics = httpx.get(f"{self.settings.gateway_url}/api/metrics", timeout=2.0).json()
         except (httpx.HTTPError, ValueError):

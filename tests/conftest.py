@@ -43,3 +43,22 @@ def zctx() -> Iterator[TrackingContext]:
         s.close(linger=0)
     ctx.term()
     assert not leaked, f"{len(leaked)} socket(s) left open: {leaked}"
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start local stacks (`imgpipe up`) on private endpoints; all stopped at teardown."""
+    from tests.support import start_stack, stop_stack
+
+    started: list[Any] = []
+
+    def start(workers: int = 2, *extra: str, env: dict[str, str] | None = None,
+              **overrides: Any) -> Any:
+        s = make_settings(tmp_path / f"stack{len(started)}" / "data", **overrides)
+        stack = start_stack(s, workers, *extra, env=env)
+        started.append(stack)
+        return stack
+
+    yield start
+    for stack in started:
+        stop_stack(stack)

@@ -57,10 +57,10 @@ def recv(sock: zmq.Socket[Any], timeout: float = 5.0, *, copy: bool = True) -> l
     """One multipart message, or an AssertionError after ``timeout`` seconds."""
     if not sock.poll(int(timeout * 1000), zmq.POLLIN):
         raise AssertionError(f"nothing received on {sock} within {timeout} s")
-    return sock.recv_multipart(copy=copy)
+    return list(sock.recv_multipart(copy=copy))  # type: ignore[call-overload]
 
 
-def wait_for(check: Callable[[], T], timeout: float = 10.0, *, interval: float = 0.05,
+def wait_for(check: Callable[[], T | None], timeout: float = 10.0, *, interval: float = 0.05,
              what: str = "condition") -> T:
     """Poll ``check()`` until it returns something truthy; fail loudly at the deadline."""
     deadline = time.monotonic() + timeout
@@ -75,3 +75,91 @@ def wait_for(check: Callable[[], T], timeout: float = 10.0, *, interval: float =
                 return last
         time.sleep(interval)
     raise AssertionError(f"{what} not reached within {timeout} s (last: {last!r})")
+
+
+class Stack:
+    """A local stack (`imgpipe up`) started for a test; see :func:`running_stack`."""
+
+    def __init__(self, settings: Settings, proc: Any, log_path: Path) -> None:
+        self.settings = settings
+        self.proc = proc
+        self.log_path = log_path
+        self.url = settings.gateway_url
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def workers(self, *, alive_only: bool = True) -> list[dict[str, Any]]:
+        import httpx
+
+        resp = httpx.get(f"{self.url}/api/workers", timeout=5)
+        resp.raise_for_status()
+        body = resp.json()
+        rows = body["workers"] if isinstance(body, dict) else body
+        return [w for w in rows if not alive_only or w["state"] != "lost"]
+
+    def wait_workers(self, n: int, timeout: float = 60.0) -> list[dict[str, Any]]:
+        def exactly_n() -> list[dict[str, Any]] | None:
+            ws = self.workers()
+            return ws if len(ws) == n else None
+
+        try:
+            return wait_for(exactly_n, timeout, interval=0.2, what=f"{n} live workers")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- stack log ---\n{self.log()}") from None
+
+
+def start_stack(settings: Settings, workers: int, *extra: str,
+                env: dict[str, str] | None = None) -> Stack:
+    """Start ``imgpipe up`` on ``settings``; return once /healthz is 200 with N workers.
+
+    Fails loudly (with the stack's log) when it does not get there in time.
+    """
+    import subprocess
+    import sys
+
+    import httpx
+
+    log_path = settings.data_dir.parent / "stack.log"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    out = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgpipe", "up", "--workers", str(workers), "--no-dashboard",
+         *extra], env={**settings_env(settings), **(env or {})}, stdout=out,
+        stderr=subprocess.STDOUT)
+    out.close()
+    stack = Stack(settings, proc, log_path)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"imgpipe up exited with {proc.returncode}:\n{stack.log()}")
+        try:
+            return httpx.get(f"{stack.url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, 90, interval=0.2, what=f"stack healthy at {stack.url}")
+        if workers:
+            stack.wait_workers(workers)
+    except BaseException:
+        stop_stack(stack)
+        raise
+    return stack
+
+
+def stop_stack(stack: Stack, timeout: float = 30.0) -> int:
+    """SIGTERM the supervisor and wait; SIGKILL if it hangs. Returns its exit code."""
+    import signal
+    import subprocess
+
+    if stack.proc.poll() is None:
+        stack.proc.send_signal(signal.SIGTERM)
+        try:
+            stack.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            stack.proc.kill()
+            stack.proc.wait()
+            raise AssertionError(
+                f"imgpipe up did not stop in {timeout} s:\n{stack.log()}") from None
+    return int(stack.proc.returncode)
