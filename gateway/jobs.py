@@ -1,0 +1,215 @@
+"""Jobs over HTTP: submit (``POST /api/process/``), status, outputs, recent jobs.
+
+A job is recorded in the store — originals moved into place, then one transaction for
+the job and its outputs — before the ``202`` and before the ventilator hears of it, so
+a gateway killed at any moment either never answered (nothing was promised) or left a
+job the ventilator will find on its next rescan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+import threading
+
+import falcon
+
+from core.config import Settings
+from core.store import FINAL, NotFound, Store, check_id, new_job_id
+from gateway.errors import BadParam, OutputFailed, QueueFull
+from gateway.pipeline import FINAL_JOB_STATES, Pipeline
+from gateway.upload import Upload, check_length, parse_upload
+
+log = logging.getLogger(__name__)
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+MAX_LIST = 100
+
+
+class ProcessResource:
+    """``POST /api/process/``: validate, record, notify, optionally wait."""
+
+    def __init__(self, settings: Settings, store: Store, pipeline: Pipeline) -> None:
+        self.settings = settings
+        self.store = store
+        self.pipeline = pipeline
+        # ?wait holds a request thread; leave some threads for everything else.
+        self.waiters = threading.BoundedSemaphore(max(1, settings.gateway_threads // 2))
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        wait_s = parse_wait(req, self.settings)
+        check_length(req, self.settings)
+        self.check_capacity(0)  # refuse before reading a body that cannot be queued
+        upload = parse_upload(req, self.settings, self.store)
+        req.context.upload_bytes = upload.body_bytes
+        job_id = self.record(upload)
+        self.pipeline.notify(job_id, upload.outputs)
+        self.pipeline.stats.accepted()
+        resp.set_header("Location", f"/api/jobs/{job_id}")
+        if wait_s > 0 and self.waiters.acquire(blocking=False):
+            try:
+                final = self.pipeline.wait_final(
+                    job_id, wait_s, lambda: self.store.job_state(job_id) in FINAL_JOB_STATES)
+            finally:
+                self.waiters.release()
+            doc = self.store.job(job_id)
+            if final:
+                if len(doc["outputs"]) == 1 and wants_image(req):
+                    serve_output(req, resp, self.store, job_id, 0)
+                    return
+                resp.status = falcon.HTTP_200
+                resp.media = doc
+                return
+        else:
+            doc = self.store.job(job_id)
+        resp.status = falcon.HTTP_202
+        resp.media = doc
+
+    def check_capacity(self, new_outputs: int) -> None:
+        """503 + Retry-After when ``new_outputs`` would push the queue over its limit.
+
+        A job larger than the whole limit is still taken when nothing is open, so no
+        job is refused forever.
+        """
+        open_now = self.store.open_count()
+        limit = self.settings.queue_limit
+        full = open_now + new_outputs > limit if new_outputs else open_now >= limit
+        if open_now == 0 or not full:
+            return
+        rate = sum(r["state"] == "done" for r in self.store.recent_outputs(30.0)) / 30.0
+        excess = max(1, open_now + new_outputs - limit)
+        retry = math.ceil(excess / rate) if rate > 0 else 5
+        raise QueueFull(f"the queue is full ({open_now} outputs open, limit {limit}); "
+                        f"retry in about {retry} s", retry_after=min(120, max(1, retry)))
+
+    def record(self, upload: Upload) -> str:
+        """Adopt the originals and create the job; undo the files on any error."""
+        job_id = new_job_id()
+        try:
+            self.check_capacity(upload.outputs)
+            for i, img in enumerate(upload.images):
+                self.store.adopt_original(job_id, i, img.format, img.tmp)
+            self.store.create_job(
+                job_id, [(i.format, i.width, i.height, i.nbytes) for i in upload.images],
+                upload.chains)
+        except BaseException:
+            upload.discard()
+            shutil.rmtree(self.store.root / "originals" / job_id, ignore_errors=True)
+            raise
+        log.info("job %s: %d image(s) x %d chain(s)", job_id, len(upload.images),
+                 len(upload.chains))
+        return job_id
+
+
+class JobResource:
+    """``GET /api/jobs/{job_id}``: the job document."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
+        resp.media = self.store.job(check_id(job_id))
+
+
+class JobListResource:
+    """``GET /api/jobs?limit=N``: the most recent job documents, newest first (dashboard)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        raw = req.get_param("limit") or "20"
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
+            raise BadParam(f"limit must be a whole number from 1 to {MAX_LIST}", field="limit")
+        docs = []
+        for summary in self.store.recent_jobs(int(raw)):
+            try:
+                docs.append(self.store.job(summary["id"]))
+            except NotFound:  # removed in between
+                continue
+        resp.media = {"jobs": docs}
+
+
+class OutputResource:
+    """``GET /api/jobs/{job_id}/outputs/{n}``: the output's bytes, cacheable once done."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str, n: str) -> None:
+        if not n.isdigit() or len(n) > 6:
+            raise NotFound(f"no output {n!r}: outputs are numbered from 0", field="n")
+        serve_output(req, resp, self.store, check_id(job_id), int(n))
+
+
+def serve_output(req: falcon.Request, resp: falcon.Response, store: Store, job_id: str,
+                 n: int) -> None:
+    """Stream output ``n`` with its content type, ETag and immutable caching."""
+    row = store.output(job_id, n)
+    state = row["state"]
+    if state == "failed":
+        raise OutputFailed(f"output {n} failed: {row['error'] or 'unknown error'}", field="n")
+    if state not in FINAL:
+        raise NotFound(f"output {n} of job {job_id} is {state}; it exists once done",
+                       field="n")
+    path = store.output_path(job_id, n, row["format"] or "bin")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise NotFound(f"output {n} of job {job_id} has no file", field="n") from None
+    tag = hashlib.sha1(f"{row['task_id']}:{row['bytes']}:{row['finished_at']}".encode())
+    etag = f'"{tag.hexdigest()[:20]}"'
+    resp.set_header("ETag", etag)
+    resp.cache_control = [IMMUTABLE]
+    resp.status = falcon.HTTP_200
+    if _matches(req.get_header("If-None-Match"), etag):
+        resp.status = falcon.HTTP_304
+        return
+    resp.content_type = row["content_type"] or "application/octet-stream"
+    resp.set_stream(path.open("rb"), size)
+
+
+def _matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+def parse_wait(req: falcon.Request, settings: Settings) -> float:
+    """``?wait=S`` in seconds, capped at ``max_wait_s``; 0 when absent."""
+    raw = req.get_param("wait")
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise BadParam(f"wait must be a number of seconds from 0 to {settings.max_wait_s:g}",
+                       field="wait")
+    return min(value, settings.max_wait_s)
+
+
+def wants_image(req: falcon.Request) -> bool:
+    """True when ``Accept`` names an image type (``image/*``, ``image/png``, ...)."""
+    accept = req.get_header("Accept") or ""
+    for item in accept.split(","):
+        media, _, params = item.partition(";")
+        if media.strip().lower().startswith("image/") and not _q_zero(params):
+            return True
+    return False
+
+
+def _q_zero(params: str) -> bool:
+    for p in params.split(";"):
+        key, _, value = p.strip().partition("=")
+        if key == "q":
+            try:
+                return float(value) == 0
+            except ValueError:
+                return False
+    return False
+

@@ -1,0 +1,286 @@
+"""``POST /api/process/`` bodies: stream, bound and validate a multipart upload.
+
+The body is never held in memory: each ``image`` part is copied in 64 KiB chunks to
+a temp file under ``store.tmp_dir()`` (same filesystem as the originals, so adopting
+it is a rename). Limits apply in the order that makes a bad request cheapest:
+
+1. ``Content-Length`` over ``max_upload_bytes`` -> 413 before a byte is read; a
+   chunked body is counted while it streams and cut at the same limit;
+2. the whole body must arrive within ``gateway_timeout_s`` (each socket read is
+   bounded by what is left), so a stalled or trickling client is cut with 408;
+3. part counts (``max_images``, ``max_chains``) as the parts arrive;
+4. per image: format from its magic bytes and pixel count from its header
+   (``filters.codec.probe``), before anything decodes it -> 415 / 413; a JPEG or PNG
+   whose end marker is missing (truncated) -> 415;
+5. every ``ops`` chain parsed and range-checked (``filters.parse_chain``) -> 400.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import falcon
+from falcon.media.multipart import MultipartForm, MultipartParseError, MultipartParseOptions
+from falcon.util.reader import BufferedReader
+
+from core.config import Settings
+from core.errors import FilterError, ImageError
+from core.store import Store
+from filters import parse_chain, sniff
+from filters.codec import check_pixels, probe
+from gateway.errors import BadForm, ClientTimeout, PayloadTooLarge, RequestTimeout
+
+CHUNK = 64 * 1024
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+HEAD = 256 * 1024          # bytes kept to probe a header (EXIF/ICC can push SOF far)
+TAIL = 4096                # bytes read back to check an image's end marker
+MAX_OPS_BYTES = 4096       # one chain spec, UTF-8
+DEFAULT_CHAINS = ("resize:w=1920", "blur:radius=3", "brightness:factor=1.2")
+
+
+@dataclass
+class StagedImage:
+    """One uploaded image, written to a temp file and probed."""
+
+    tmp: Path
+    format: str
+    width: int
+    height: int
+    nbytes: int
+
+
+@dataclass
+class Upload:
+    """A validated upload: images on disk and parsed chains ``(canonical, cost)``."""
+
+    images: list[StagedImage] = field(default_factory=list)
+    chains: list[tuple[str, str]] = field(default_factory=list)
+    body_bytes: int = 0
+
+    @property
+    def outputs(self) -> int:
+        return len(self.images) * len(self.chains)
+
+    def discard(self) -> None:
+        """Remove temp files that were not adopted (errors, backpressure)."""
+        for img in self.images:
+            img.tmp.unlink(missing_ok=True)
+
+
+class BodyReader:
+    """The raw body with a byte limit and a deadline, read through the client socket.
+
+    Under gunicorn ``environ['gunicorn.socket']`` is the client socket: before each
+    read its timeout is set to the time left, so a stalled client raises instead of
+    holding the thread. Elsewhere (in-process tests) only the byte limit applies.
+    """
+
+    def __init__(self, raw: Any, *, limit: int, timeout_s: float,
+                 sock: socket.socket | None) -> None:
+        self.raw = raw
+        self.limit = limit
+        self.count = 0
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.sock = sock
+        self.sock_timeout = sock.gettimeout() if sock is not None else None
+
+    def restore(self) -> None:
+        """Give the socket back its own timeout (the answer still has to be written)."""
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.settimeout(self.sock_timeout)
+
+    def read(self, size: int = -1) -> bytes:
+        size = CHUNK if size is None or size < 0 else size
+        if self.sock is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise self._late()
+            self.sock.settimeout(left)
+        try:
+            data: bytes = self.raw.read(min(size, self.limit + 1 - self.count))
+        except (TimeoutError, ClientTimeout):
+            raise self._late() from None
+        except OSError as exc:  # the client went away mid-body
+            raise BadForm(f"the request body was cut short ({exc})", field="body") from None
+        self.count += len(data)
+        if self.count > self.limit:
+            raise PayloadTooLarge(f"the body is over the upload limit of {self.limit} bytes",
+                                  field="body")
+        return data
+
+    def _late(self) -> RequestTimeout:
+        return RequestTimeout(f"the body did not arrive within {self.timeout_s:g} s "
+                              f"({self.count} bytes received)", field="body")
+
+
+def check_length(req: falcon.Request, settings: Settings) -> int | None:
+    """413 on a declared length over the limit, before the body is touched."""
+    length = req.content_length
+    if length is not None and length > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"Content-Length {length} is over the upload limit of "
+                              f"{settings.max_upload_bytes} bytes", field="Content-Length")
+    return length
+
+
+def parse_upload(req: falcon.Request, settings: Settings, store: Store) -> Upload:
+    """The validated upload in ``req``; raises an ImgpipeError with its status on anything bad.
+
+    On error every temp file written so far is removed.
+    """
+    length = check_length(req, settings)
+    ctype = req.content_type or ""
+    media, _, params = ctype.partition(";")
+    if media.strip().lower() != "multipart/form-data":
+        raise BadForm("send multipart/form-data with one or more 'image' file parts and "
+                      f"optional 'ops' fields (got {media.strip() or 'no Content-Type'!r})",
+                      field="Content-Type")
+    boundary = _boundary(params)
+    limit = settings.max_upload_bytes if length is None else length
+    body = BodyReader(req.stream, limit=limit, timeout_s=settings.gateway_timeout_s,
+                      sock=req.env.get("gunicorn.socket"))
+    options = MultipartParseOptions()
+    options.max_body_part_count = settings.max_images + settings.max_chains + 4
+    form = MultipartForm(BufferedReader(body.read, limit + 1, CHUNK), boundary, length, options)
+    upload = Upload()
+    specs: list[str] = []
+    try:
+        for part in form:
+            name = part.name
+            if name == "image":
+                if len(upload.images) >= settings.max_images:
+                    raise BadForm(f"at most {settings.max_images} images per job",
+                                  field="image")
+                upload.images.append(_stage(part.stream, store, settings,
+                                            index=len(upload.images)))
+            elif name == "ops":
+                if len(specs) >= settings.max_chains:
+                    raise FilterError(f"at most {settings.max_chains} ops chains per job",
+                                      field="ops")
+                specs.append(_text(part.stream, "ops"))
+            else:
+                raise BadForm(f"unknown form field {name!r}: use 'image' and 'ops'",
+                              field=str(name))
+        # Reach the closing boundary so a truncated body is an error, not a short job.
+        upload.body_bytes = body.count
+        if not upload.images:
+            raise BadForm("no 'image' part: send the images as file parts named 'image'",
+                          field="image")
+        upload.chains = parse_chains(specs or list(DEFAULT_CHAINS), settings)
+    except MultipartParseError as exc:
+        upload.discard()
+        raise BadForm(f"malformed multipart body: {exc.description}", field="body") from None
+    except BaseException:
+        upload.discard()
+        raise
+    finally:
+        body.restore()
+    return upload
+
+
+def parse_chains(specs: list[str], settings: Settings) -> list[tuple[str, str]]:
+    """``(canonical, cost)`` per spec; FilterError naming the chain that is wrong."""
+    out: list[tuple[str, str]] = []
+    for i, spec in enumerate(specs):
+        try:
+            chain = parse_chain(spec, max_filters=settings.max_filters)
+        except FilterError as exc:
+            where = f" ({exc.field})" if exc.field and exc.field != "ops" else ""
+            raise FilterError(f"ops #{i + 1} {spec[:200]!r}: {exc.detail}{where}",
+                              field="ops") from None
+        out.append((chain.canonical(), chain.cost))
+    return out
+
+
+def _boundary(params: str) -> bytes:
+    for item in params.split(";"):
+        key, _, value = item.strip().partition("=")
+        if key.lower() == "boundary":
+            value = value.strip().strip('"').rstrip()
+            if 1 <= len(value) <= 70:
+                try:
+                    return value.encode("ascii")
+                except UnicodeEncodeError:
+                    break
+    raise BadForm("multipart/form-data needs a boundary of 1 to 70 ASCII characters",
+                  field="Content-Type")
+
+
+def _text(stream: Readable, name: str) -> str:
+    raw = stream.read(MAX_OPS_BYTES + 1)
+    if len(raw) > MAX_OPS_BYTES:
+        raise BadForm(f"{name!r} is longer than {MAX_OPS_BYTES} bytes", field=name)
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadForm(f"{name!r} is not UTF-8 text", field=name) from None
+
+
+def _stage(stream: Readable, store: Store, settings: Settings, *, index: int) -> StagedImage:
+    """Copy one image part to a temp file, then probe its header and check its end."""
+    fd, name = tempfile.mkstemp(dir=store.tmp_dir(), prefix="up-")
+    tmp = Path(name)
+    head = bytearray()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            while chunk := stream.read(CHUNK):
+                size += len(chunk)
+                if len(head) < HEAD:
+                    head += chunk[:HEAD - len(head)]
+                fh.write(chunk)
+        field_name = "image"
+        if size == 0:
+            raise ImageError("the part is empty (0 bytes)", field=field_name)
+        info = _probe(bytes(head), tmp, size, field_name)
+        check_pixels(info, settings.max_pixels)
+        _check_end(info.format, tmp, size, field_name)
+    except ImageError as exc:
+        tmp.unlink(missing_ok=True)
+        exc.detail = f"image #{index + 1}: {exc.detail}"
+        exc.field = "image"
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return StagedImage(tmp=tmp, format=info.format, width=info.width, height=info.height,
+                       nbytes=size)
+
+
+def _probe(head: bytes, tmp: Path, size: int, field_name: str) -> Any:
+    try:
+        return probe(head)
+    except ImageError:
+        # Only a JPEG can push its size (SOF) past HEAD, behind large EXIF/ICC
+        # segments; anything else, or an unknown format, is refused from the head.
+        if size <= len(head) or sniff(head) != "jpeg":
+            raise
+    return probe(tmp.read_bytes())
+
+
+def _check_end(fmt: str, tmp: Path, size: int, field_name: str) -> None:
+    """415 for a JPEG/PNG/GIF without its end marker: it was cut short in transit."""
+    markers = {"jpeg": b"\xff\xd9", "png": b"IEND", "gif": b"\x3b"}
+    marker = markers.get(fmt)
+    if marker is None:
+        return
+    with tmp.open("rb") as fh:
+        fh.seek(max(0, size - TAIL))
+        tail = fh.read()
+    tail = tail.rstrip(b"\x00\r\n ")
+    if not (tail.endswith(marker) if fmt == "gif" else marker in tail):
+        raise ImageError(f"truncated {fmt.upper()}: no end-of-image marker",
+                         field=field_name)

@@ -1,0 +1,329 @@
+"""The gateway over real HTTP: gunicorn + the real ventilator, sink and workers.
+
+One stack per module (starting it is the slow part); tests that need other gateway
+settings start an extra gateway on the same store and pipeline.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.gateway import images as im
+from tests.gateway.live import Gateway, Stack
+from tests.gateway.test_validation import CASES, Case
+from tests.support import make_settings, short_dir
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    root = short_dir("gw-")
+    settings = make_settings(root / "data", gateway_workers=2, gateway_threads=4,
+                             gateway_timeout_s=4.0, heartbeat_interval_s=0.5,
+                             heartbeat_liveness=6, metrics_interval_s=0.5, test_hooks=True)
+    s = Stack(settings, root / "logs")
+    try:
+        s.start_pipeline(workers=2)
+        yield s
+    finally:
+        s.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def gw(stack: Stack) -> Iterator[Gateway]:
+    g = stack.start_gateway()
+    g.wait_healthy()
+    yield g
+    g.close()
+
+
+def decode_image(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def raw_request(gw: Gateway, method: str, path: str, body: bytes = b"",
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request sent as-is (no path normalisation), via http.client."""
+    conn = http.client.HTTPConnection("127.0.0.1", gw.settings.gateway_port, timeout=60)
+    try:
+        conn.request(method, path, body=body or None, headers=headers or {})
+        res = conn.getresponse()
+        return res.status, {k.lower(): v for k, v in res.getheaders()}, res.read()
+    finally:
+        conn.close()
+
+
+def test_the_demo_with_curl_then_the_three_outputs(gw: Gateway, tmp_path: Path) -> None:
+    src = tmp_path / "test.jpg"
+    src.write_bytes(im.jpeg(640, 480, seed=7))
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("no curl binary")
+    out = subprocess.run([curl, "-sS", "-X", "POST", "-F", f"image=@{src}",
+                          f"{gw.url}/api/process/"], capture_output=True, timeout=60, check=True)
+    doc = json.loads(out.stdout)
+    assert doc["state"] in ("queued", "running", "done")
+    assert [o["ops"] for o in doc["outputs"]] == [
+        "resize:w=1920", "blur:radius=3", "brightness:factor=1.2"]
+    doc = gw.wait_job(doc["id"])
+    assert doc["state"] == "done", doc
+    for output in doc["outputs"]:
+        dest = tmp_path / f"out{output['n']}"
+        subprocess.run([curl, "-sS", "-f", "-o", str(dest), gw.url + output["url"]],
+                       check=True, timeout=60)
+        img = decode_image(dest.read_bytes())
+        assert img.format == "JPEG" and img.size == (output["width"], output["height"])
+    assert doc["outputs"][0]["width"] == 1920
+    assert (doc["outputs"][1]["width"], doc["outputs"][1]["height"]) == (640, 480)
+
+
+def test_wait_answers_200_and_accept_image_returns_the_image(gw: Gateway) -> None:
+    body, ctype = im.multipart([im.jpeg(320, 240, seed=2)], ["resize:w=100"])
+    res = gw.http.post("/api/process/", params={"wait": "60"}, content=body,
+                       headers={"Content-Type": ctype, "Accept": "image/*"})
+    assert res.status_code == 200, res.text
+    assert res.headers["content-type"] == "image/jpeg"
+    assert decode_image(res.content).size == (100, 75)
+    body, ctype = im.multipart([im.png()], ["invert", "flip"])
+    res = gw.http.post("/api/process/?wait=60", content=body, headers={"Content-Type": ctype})
+    assert res.status_code == 200 and res.json()["state"] == "done"
+
+
+def test_every_read_endpoint(gw: Gateway) -> None:
+    body, ctype = im.multipart([im.jpeg(seed=3)], ["grayscale|encode:format=png"])
+    job = gw.http.post("/api/process/?wait=60", content=body,
+                       headers={"Content-Type": ctype}).json()
+    assert job["state"] == "done", job
+    out = gw.http.get(job["outputs"][0]["url"])
+    assert out.status_code == 200 and out.headers["content-type"] == "image/png"
+    assert out.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert decode_image(out.content).mode == "L"
+    again = gw.http.get(job["outputs"][0]["url"], headers={"If-None-Match": out.headers["etag"]})
+    assert again.status_code == 304
+    assert job["id"] in [j["id"] for j in gw.http.get("/api/jobs?limit=50").json()["jobs"]]
+
+    filters = gw.http.get("/api/filters").json()["filters"]
+    assert {"resize", "sleep"} <= {f["name"] for f in filters}  # test hooks are on
+    workers = gw.http.get("/api/workers").json()["workers"]
+    assert len([w for w in workers if w["state"] != "lost"]) == 2
+    assert {"id", "host", "pid", "state", "done", "cpu", "rss", "last_beat_age_s"} <= set(
+        workers[0])
+    m = gw.http.get("/api/metrics").json()
+    assert m["ventilator"] == "up" and m["workers"]["alive"] == 2
+    assert m["totals"]["done"] >= 1 and m["recommendation"]["action"]
+    prom = gw.http.get("/metrics")
+    names = {f.name for f in text_string_to_metric_families(prom.text)}
+    assert {"imgpipe_queue_depth", "imgpipe_workers", "imgpipe_requests"} <= names
+    assert gw.http.get("/healthz").status_code == 200
+    validate(gw.http.get("/openapi.json").json())
+
+
+@pytest.mark.timeout(600)
+def test_a_batch_of_ten_4k_images_in_one_job(gw: Gateway) -> None:
+    images = [im.smooth_jpeg(3840, 2160, seed=i) for i in range(10)]
+    body, ctype = im.multipart(images, ["resize:w=640"])
+    res = gw.http.post("/api/process/", content=body, headers={"Content-Type": ctype})
+    assert res.status_code == 202, res.text
+    doc = gw.wait_job(res.json()["id"], timeout=500)
+    assert doc["state"] == "done", doc
+    assert [o["image"] for o in doc["outputs"]] == list(range(10))
+    for output in doc["outputs"]:
+        assert (output["width"], output["height"]) == (640, 360)
+    assert decode_image(gw.http.get(doc["outputs"][9]["url"]).content).size == (640, 360)
+
+
+def _stall(gw: Gateway, *, body_part: bool) -> socket.socket:
+    """A client that sends half a request (headers only, or half a body) and stops."""
+    body, ctype = im.multipart([im.jpeg(seed=9)])
+    sock = socket.create_connection(("127.0.0.1", gw.settings.gateway_port), timeout=60)
+    head = (f"POST /api/process/ HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock.sendall(head + body[: len(body) // 2] if body_part else head[: len(head) // 2])
+    return sock
+
+
+def _answer_or_close(sock: socket.socket) -> bytes:
+    """What the server sends before it closes (blocks up to the socket's 60 s timeout)."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_stalled_clients_cannot_hold_the_gateway(gw: Gateway) -> None:
+    # More stalled uploads than the gateway has threads (2 workers x 4 threads), plus
+    # clients stalled inside their headers.
+    stalled = [_stall(gw, body_part=True) for _ in range(10)]
+    stalled += [_stall(gw, body_part=False) for _ in range(3)]
+    try:
+        # Other requests are still answered (once the stalled ones are cut at the latest).
+        assert gw.http.get("/healthz", timeout=60).status_code == 200
+        body, ctype = im.multipart([im.jpeg(seed=10)], ["invert"])
+        res = gw.http.post("/api/process/?wait=60", content=body,
+                           headers={"Content-Type": ctype}, timeout=90)
+        assert res.status_code == 200, res.text
+        # Each stalled client is cut: a 408 for a stalled body, a close for stalled headers.
+        answers = [_answer_or_close(s) for s in stalled]
+        for a in answers[:10]:
+            assert a.startswith(b"HTTP/1.1 408"), a[:200]
+            assert b'"error": "timeout"' in a
+        for a in answers[10:]:
+            assert a == b"" or a.startswith(b"HTTP/1.1 4"), a[:200]
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def _send_case(gw: Gateway, case: Case) -> tuple[int, dict[str, Any]]:
+    method, path, body, headers = case.build()
+    status, _, data = raw_request(gw, method, path, body, headers)
+    return status, json.loads(data)
+
+
+def test_the_bad_input_table_over_http_leaves_the_service_healthy(gw: Gateway) -> None:
+    for case in CASES:
+        status, doc = _send_case(gw, case)
+        assert status == case.status, (case.name, doc)
+        assert doc["error"] and doc["detail"], (case.name, doc)
+        if case.field:
+            assert doc.get("field") == case.field, (case.name, doc)
+    # 60 MB announced, a few bytes sent: refused at once, the body never read.
+    sock = socket.create_connection(("127.0.0.1", gw.settings.gateway_port), timeout=30)
+    try:
+        sock.sendall(b"POST /api/process/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/"
+                     b"form-data; boundary=b\r\nContent-Length: 62914560\r\n\r\n--b\r\n")
+        reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+        assert b"Content-Length" in reply
+    finally:
+        sock.close()
+    assert gw.http.get("/healthz").status_code == 200
+    body, ctype = im.multipart([im.jpeg(seed=11)], ["blur:radius=2"])
+    res = gw.http.post("/api/process/?wait=60", content=body, headers={"Content-Type": ctype})
+    assert res.status_code == 200 and res.json()["state"] == "done"
+
+
+def test_backpressure_answers_503_quickly_and_every_accepted_job_completes(
+        stack: Stack, gw: Gateway) -> None:
+    small = stack.extra_gateway(queue_limit=6)
+    try:
+        body, ctype = im.multipart([im.jpeg(seed=12)],
+                                   ["sleep:ms=1500", "sleep:ms=1500|invert", "invert"])
+        accepted, refused = [], []
+        for _ in range(6):
+            res = small.http.post("/api/process/", content=body, headers={"Content-Type": ctype})
+            assert res.status_code in (202, 503), res.text
+            if res.status_code == 202:
+                accepted.append(res.json()["id"])
+            else:
+                refused.append(res)
+        assert len(accepted) >= 2 and refused, (accepted, refused)
+        for res in refused:
+            assert int(res.headers["retry-after"]) >= 1
+            assert res.json()["error"] == "queue_full"
+        for job in accepted:
+            assert small.wait_job(job)["state"] == "done"
+    finally:
+        small.kill()
+        small.close()
+
+
+def test_schemathesis_finds_no_server_error(gw: Gateway, tmp_path: Path) -> None:
+    cmd = [str(Path(sys.executable).with_name("schemathesis")), "--no-color", "run", f"{gw.url}/openapi.json",
+           "--checks", "not_a_server_error", "--max-examples", "12", "--workers", "1",
+           "--phases", "examples,coverage,fuzzing", "--request-timeout", "60",
+           "--generation-database", "none"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path)
+    report = out.stdout[-5000:] + out.stderr[-2000:]
+    assert out.returncode == 0, report
+    assert "not_a_server_error" in out.stdout or "passed" in out.stdout.lower(), report
+    assert gw.http.get("/healthz").status_code == 200
+
+
+def test_a_gateway_killed_with_sigkill_loses_no_accepted_job(stack: Stack) -> None:
+    port_gw = stack.extra_gateway()
+    body, ctype = im.multipart([im.jpeg(seed=13)], ["sleep:ms=300", "invert"])
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def submit() -> None:
+        while not stop.is_set():
+            try:
+                res = port_gw.http.post("/api/process/", content=body,
+                                        headers={"Content-Type": ctype}, timeout=10)
+            except httpx.HTTPError:
+                return  # the gateway died under us: nothing was promised
+            if res.status_code == 202:
+                accepted.append(res.json()["id"])
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(accepted) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        port_gw.kill()
+    finally:
+        stop.set()
+        thread.join(30)
+    assert len(accepted) >= 3
+    settings = port_gw.settings
+    port_gw.close()
+    again = stack.start_gateway(gateway_port=settings.gateway_port,
+                                gateway_url=settings.gateway_url)
+    try:
+        for job in accepted:
+            assert again.wait_job(job)["state"] == "done"
+        assert again.http.get(f"/api/jobs/{uuid.uuid4()}").status_code == 404
+    finally:
+        again.kill()
+        again.close()
+
+
+def test_a_chunked_upload_over_the_limit_is_413_while_streaming(stack: Stack) -> None:
+    small = stack.extra_gateway(max_upload_bytes=200_000)
+    try:
+        body, ctype = im.multipart([im.jpeg(400, 400, seed=14)] * 3)
+        assert len(body) > 200_000
+
+        def chunks() -> Iterator[bytes]:
+            for i in range(0, len(body), 16384):
+                yield body[i:i + 16384]
+
+        res = small.http.post("/api/process/", content=chunks(),
+                              headers={"Content-Type": ctype})
+        assert res.status_code == 413, res.text
+        assert res.json()["field"] == "body"
+        # A new connection: after a 413 mid-body the server closes the old one.
+        ok_body, ok_ctype = im.multipart([im.jpeg(seed=15)], ["invert"])
+        res = httpx.post(small.url + "/api/process/", content=iter([ok_body]),
+                         headers={"Content-Type": ok_ctype}, timeout=60)
+        assert res.status_code == 202, res.text
+    finally:
+        small.kill()
+        small.close()
