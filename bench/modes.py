@@ -1,0 +1,242 @@
+"""The bench modes: one object per mode, ``setup()`` untimed, ``run()`` timed, ``close()``.
+
+Every mode gets the same encoded bytes and the same chain. Setup (starting a pool or
+a stack, a warm-up image per process) is not timed: the figures are steady-state
+throughput, which is what a long-running service delivers. Latency is per image:
+in-process modes time the image's own processing where it runs; the pipeline times
+each HTTP request, which includes the queueing behind the other images submitted
+with it (all images are submitted at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from typing import Any
+
+import httpx
+
+from bench import client as api
+from bench import procs, work
+from bench.stack import LocalStack
+
+Outcome = tuple[list[float], list[tuple[int, int] | None], list[str], float | None]
+SPAWN = mp.get_context("spawn")
+
+
+class Mode:
+    name = "mode"
+    kind = "local"
+    workers: int | None = None
+
+    def __init__(self, images: list[bytes], spec: str) -> None:
+        self.images = images
+        self.spec = spec
+
+    def setup(self) -> None:
+        """Untimed preparation: pools, stacks, one warm-up image."""
+
+    def run(self) -> Outcome:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what setup made."""
+
+    def pids(self) -> list[int]:
+        """Processes besides this one that do the mode's work (with their descendants)."""
+        return []
+
+
+class Naive(Mode):
+    name = "naive-sequential"
+    kind = "baseline"
+
+    def setup(self) -> None:
+        self.plan = work.naive_plan(self.spec)
+
+    def run(self) -> Outcome:
+        results = [work.timed(work.naive, data, self.plan) for data in self.images]
+        return [ms for _, ms in results], [work.out_size(o) for o, _ in results], [], None
+
+
+class Sequential(Mode):
+    name = "sequential"
+
+    def setup(self) -> None:
+        work.imgpipe_one(self.images[0], self.spec)
+
+    def run(self) -> Outcome:
+        results = [work.timed(work.imgpipe_one, data, self.spec) for data in self.images]
+        return [ms for _, ms in results], [work.out_size(o) for o, _ in results], [], None
+
+
+class Pooled(Mode):
+    """An executor over images: threads share one process, processes get bytes."""
+
+    def __init__(self, images: list[bytes], spec: str, *, threads: int = 0) -> None:
+        super().__init__(images, spec)
+        self.threads = threads
+        self.size = threads or (os.cpu_count() or 1)
+        self.workers = self.size
+        self.name = f"threads-{threads}" if threads else "processes"
+        self.pool: Executor | None = None
+
+    def setup(self) -> None:
+        if self.threads:
+            self.pool = ThreadPoolExecutor(self.threads)
+        else:
+            self.pool = ProcessPoolExecutor(self.size, mp_context=SPAWN,
+                                            initializer=work.single_thread_init)
+        # Warm until every pool process has run an image (spawned processes start lazily).
+        seen: set[int] = set()
+        deadline = time.monotonic() + 120
+        while len(seen) < (1 if self.threads else self.size):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(seen)} of {self.size} pool processes warmed up")
+            batch = [self.pool.submit(work.warm_pid, self.images[0], self.spec)
+                     for _ in range(self.size)]
+            seen |= {f.result() for f in batch}
+
+    def pids(self) -> list[int]:
+        procs = getattr(self.pool, "_processes", None) or {}
+        return list(procs)
+
+    def run(self) -> Outcome:
+        assert self.pool is not None
+        futures = [self.pool.submit(work.timed, work.imgpipe_one, data, self.spec)
+                   for data in self.images]
+        results = [f.result() for f in futures]
+        return [ms for _, ms in results], [work.out_size(o) for o, _ in results], [], None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Limit(Mode):
+    """The compute bound: one process per core, inputs preloaded, no I/O, no IPC while timed."""
+
+    name = "limit"
+    kind = "bound"
+
+    def __init__(self, images: list[bytes], spec: str) -> None:
+        super().__init__(images, spec)
+        self.workers = min(os.cpu_count() or 1, len(images))
+        self.children: list[tuple[Any, Connection]] = []
+
+    def setup(self) -> None:
+        n = self.workers or 1
+        for i in range(n):
+            parent, child = SPAWN.Pipe()
+            share = self.images[i::n]
+            p = SPAWN.Process(target=work.limit_child, args=(child, self.spec, share), daemon=True)
+            p.start()
+            self.children.append((p, parent))
+        for _, conn in self.children:
+            if not conn.poll(120) or conn.recv() != "ready":
+                raise RuntimeError("a limit process did not get ready in 120 s")
+
+    def pids(self) -> list[int]:
+        return [p.pid for p, _ in self.children if p.pid is not None]
+
+    def run(self) -> Outcome:
+        for _, conn in self.children:
+            conn.send("go")
+        replies = [conn.recv() for _, conn in self.children]
+        wall = max(r[1] for r in replies) - min(r[0] for r in replies)
+        lat = [ms for r in replies for ms in r[2]]
+        sizes = [s for r in replies for s in r[3]]
+        return lat, sizes, [], wall
+
+    def close(self) -> None:
+        for p, conn in self.children:
+            with contextlib.suppress(OSError):
+                conn.send("stop")
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self.children = []
+
+
+class Pipeline(Mode):
+    """The full stack over HTTP: every image submitted at once, one ``?wait`` request each."""
+
+    kind = "pipeline"
+
+    def __init__(self, images: list[bytes], spec: str, *, workers: int | None = None,
+                 url: str | None = None, wait_s: float = 120.0, concurrency: int = 16) -> None:
+        super().__init__(images, spec)
+        self.workers = workers
+        self.url = url
+        self.stack: LocalStack | None = None
+        self.wait_s = wait_s
+        self.concurrency = concurrency
+        self.name = f"pipeline-w{workers}" if workers else "pipeline-url"
+        self.http = httpx.Client(timeout=wait_s + 30.0,
+                                 limits=httpx.Limits(max_connections=concurrency + 4))
+        self.pool = ThreadPoolExecutor(concurrency)
+
+    def setup(self) -> None:
+        if self.url is None:
+            assert self.workers is not None
+            self.stack = LocalStack(self.workers)  # assigned first: close() stops a failed start
+            self.url = self.stack.url
+            self.stack.start()
+        else:
+            self.workers = len(api.alive_workers(self.http, self.url))
+        # Warm every worker's process pool: one image per worker, at once.
+        warm = [self.pool.submit(self._one, self.images[0]) for _ in range(self.workers or 1)]
+        for f in warm:
+            f.result()
+
+    def pids(self) -> list[int]:
+        """The private stack's supervisor, or the local stack found behind ``--url``."""
+        if self.stack is not None and self.stack.proc is not None:
+            return [self.stack.proc.pid]
+        root = procs.stack_root(self.url) if self.url else None
+        return [root.pid] if root is not None else []
+
+    def _one(self, data: bytes) -> tuple[bytes | None, float, str | None]:
+        assert self.url is not None
+        t = time.perf_counter()
+        try:
+            resp = api.process_wait_image(self.http, self.url, data, self.spec,
+                                          wait_s=self.wait_s)
+        except httpx.HTTPError as exc:
+            return None, (time.perf_counter() - t) * 1000, f"{type(exc).__name__}: {exc}"
+        if resp.status_code == 202:  # every ?wait slot of the gateway was taken: poll
+            try:
+                resp = api.wait_output(self.http, self.url, resp.json()["id"], self.wait_s)
+            except (httpx.HTTPError, ValueError, KeyError, TimeoutError) as exc:
+                return None, (time.perf_counter() - t) * 1000, f"{type(exc).__name__}: {exc}"
+        ms = (time.perf_counter() - t) * 1000
+        if resp.status_code != 200 or not resp.headers.get("content-type", "").startswith(
+                "image/"):
+            return None, ms, f"HTTP {resp.status_code}: {resp.text[:200]}"
+        return resp.content, ms, None
+
+    def run(self) -> Outcome:
+        results = list(self.pool.map(self._one, self.images))
+        errors = [e for _, _, e in results if e]
+        sizes = [work.out_size(o) if o is not None else None for o, _, _ in results]
+        return [ms for _, ms, _ in results], sizes, errors, None
+
+    def probe(self, image: bytes, count: int) -> list[float]:
+        """``count`` one-at-a-time requests for one image: the end-to-end latency, ms."""
+        lat = []
+        for _ in range(count):
+            out, ms, err = self._one(image)
+            if err is None and out is not None:
+                lat.append(ms)
+        return lat
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.http.close()
+        if self.stack is not None:
+            self.stack.stop()

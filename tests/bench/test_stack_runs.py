@@ -1,0 +1,107 @@
+"""Bench and stress against a real local stack (``imgpipe up``): structure and counters."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench import stress
+from bench.bench import main as bench_main
+from bench.stack import LocalStack
+
+pytestmark = pytest.mark.slow
+SMALL = ["--size", "320x240", "--ops", "resize:w=160|blur:radius=1"]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[LocalStack]:
+    s = LocalStack(2)
+    try:
+        s.start(timeout=120)
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.mark.timeout(300)
+def test_bench_pipeline_with_one_worker(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    code = bench_main(["--images", "2", "--size", "320x240", "--repeat", "1", "--probe", "2",
+                       "--modes", "sequential,limit,pipeline-w1", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    by = {m["mode"]: m for m in doc["modes"]}
+    assert code == 0, by
+    pipe = by["pipeline-w1"]
+    assert pipe["kind"] == "pipeline" and pipe["workers"] == 1
+    assert pipe["errors"] == 0 and pipe["undecodable"] == 0
+    assert pipe["output_sizes"] == by["sequential"]["output_sizes"]
+    assert pipe["efficiency_vs_limit"] is not None
+    probe = doc["latency_probe"]
+    assert probe["mode"] == "pipeline-w1" and probe["count"] == 2
+    assert probe["image"] == {"width": 320, "height": 240, "bytes": probe["image"]["bytes"]}
+    assert probe["ratio_p50"] is not None
+    assert doc["goals"][0]["value"] is not None and doc["goals"][2]["value"] is not None
+
+
+@pytest.mark.timeout(300)
+def test_bench_pipeline_against_a_running_stack(stack: LocalStack, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    code = bench_main(["--images", "3", "--repeat", "1", "--probe", "0", "--modes", "pipeline",
+                       "--url", stack.url, "--json", str(out), *SMALL])
+    doc = json.loads(out.read_text())
+    assert code == 0, doc["modes"]
+    (pipe,) = doc["modes"]
+    assert pipe["mode"] == "pipeline-url" and pipe["workers"] == 2
+    assert pipe["output_sizes"] == [[160, 120]]
+
+
+@pytest.mark.timeout(300)
+def test_stress_burst(stack: LocalStack, tmp_path: Path) -> None:
+    out = tmp_path / "burst.json"
+    code = stress.main(["burst", "5", "--url", stack.url, "--timeout", "120",
+                        "--json", str(out), *SMALL])
+    s = json.loads(out.read_text())
+    assert code == 0, s
+    assert s["submitted"] == 5 and s["accepted"] == 5
+    assert s["job_states"] == {"done": 5}
+    assert s["outputs_done"] == 5 and s["server_errors"] == 0 and s["unfinished"] == 0
+    assert s["status_counts"] == {"202": 5}
+    assert {"gateway", "worker", "ventilator", "sink"} <= set(s["peak_rss_mb_by_role"])
+
+
+@pytest.mark.timeout(300)
+def test_stress_continuous(stack: LocalStack, tmp_path: Path) -> None:
+    out = tmp_path / "cont.json"
+    code = stress.main(["continuous", "--rate", "4", "--duration", "1.5", "--url", stack.url,
+                        "--timeout", "120", "--json", str(out), *SMALL])
+    s = json.loads(out.read_text())
+    assert code == 0, s
+    assert s["submitted"] + s["skipped_client_saturated"] == 6
+    assert s["job_states"].get("done") == s["accepted"] == s["submitted"]
+    assert s["target_rate_per_s"] == 4
+
+
+def test_stress_burst_against_nothing_fails(tmp_path: Path) -> None:
+    from bench.stack import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    assert stress.main(["burst", "2", "--url", url, "--timeout", "5", *SMALL]) == 1
+
+
+@pytest.mark.timeout(400)
+def test_chaos_kills_workers_and_counts_every_output(tmp_path: Path) -> None:
+    out = tmp_path / "chaos.json"
+    with LocalStack(3) as s:
+        code = stress.main(["chaos", "--url", s.url, "--kills", "2", "--interval", "1",
+                            "--outputs", "24", "--size", "640x360", "--timeout", "200",
+                            "--json", str(out)])
+    r = json.loads(out.read_text())
+    c = r["counters"]
+    assert r["killed"] == 2, r["kills"]
+    assert c["expected"] == 24 and c["done"] == 24
+    assert c["lost"] == c["duplicated"] == c["wrong_size"] == c["undecodable"] == 0
+    assert r["requests"]["total"] > 0
+    assert code == (0 if r["requests"]["share"] >= 0.99 else 1)

@@ -1,0 +1,54 @@
+"""The per-image work: the naive Pillow script and imgpipe's decode → chain → encode."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import work
+from bench.images import generate
+from core.errors import FilterError
+
+OPS = "resize:w=160,h=90|blur:radius=2|brightness:factor=1.1|encode:format=jpeg,quality=85"
+
+
+def test_naive_runs_effects_first_and_resize_last() -> None:
+    plan = work.naive_plan(OPS)
+    assert [s.name for s in plan] == ["blur", "brightness", "resize", "encode"]
+
+
+def test_naive_refuses_a_filter_it_has_no_pillow_version_of() -> None:
+    with pytest.raises(work.NaiveUnsupported, match="edges"):
+        work.naive_plan("edges|resize:w=10")
+
+
+@pytest.mark.parametrize("ops", [OPS, "resize:w=100", "resize:w=160,h=160,fit=cover|grayscale"])
+def test_naive_and_imgpipe_make_the_same_size(ops: str) -> None:
+    data = generate(1, (320, 180))[0]
+    a = work.out_size(work.naive(data, work.naive_plan(ops)))
+    b = work.out_size(work.imgpipe_one(data, ops))
+    assert a == b
+    assert a is not None
+
+
+def test_imgpipe_one_uses_a_reduced_decode_and_reports_stages() -> None:
+    data = generate(1, (640, 360))[0]
+    stages = work.stage_times(data, OPS)
+    assert "decode(reduce=4)" in stages
+    assert {"probe", "0:resize", "1:blur", "2:brightness", "encode"} <= set(stages)
+    assert all(v >= 0 for v in stages.values())
+
+
+def test_check_spec_canonicalises_and_refuses_bad_ops() -> None:
+    assert work.check_spec("blur:radius=3").startswith("blur")
+    with pytest.raises(FilterError):
+        work.check_spec("nosuchfilter")
+
+
+def test_out_size_of_garbage_is_none() -> None:
+    assert work.out_size(b"not an image") is None
+
+
+def test_timed_returns_the_output_and_a_duration() -> None:
+    out, ms = work.timed(lambda d, a: d + a, b"x", b"y")
+    assert out == b"xy"
+    assert ms >= 0
