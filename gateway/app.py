@@ -65,9 +65,10 @@ def create_app(settings: Settings, *, store: Store | None = None,
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
 
-    app.add_route("/api/process", ProcessResource(settings, store, pipeline))
+    process = ProcessResource(settings, store, pipeline)
+    app.add_route("/api/process", process)
     app.add_route("/api/jobs", JobListResource(store))
-    app.add_route("/api/jobs/{job_id}", JobResource(store))
+    app.add_route("/api/jobs/{job_id}", JobResource(settings, store, process.waiter))
     app.add_route("/api/jobs/{job_id}/outputs/{n}", OutputResource(store))
     app.add_route("/api/filters", FiltersResource())
     app.add_route("/api/workers", WorkersResource(view))

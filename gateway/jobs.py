@@ -35,8 +35,7 @@ class ProcessResource:
         self.settings = settings
         self.store = store
         self.pipeline = pipeline
-        # ?wait holds a request thread; leave some threads for everything else.
-        self.waiters = threading.BoundedSemaphore(max(1, settings.gateway_threads // 2))
+        self.waiter = Waiter(settings, store, pipeline)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         wait_s = parse_wait(req, self.settings)
@@ -48,12 +47,7 @@ class ProcessResource:
         self.pipeline.notify(job_id, upload.outputs)
         self.pipeline.stats.accepted()
         resp.set_header("Location", f"/api/jobs/{job_id}")
-        if wait_s > 0 and self.waiters.acquire(blocking=False):
-            try:
-                final = self.pipeline.wait_final(
-                    job_id, wait_s, lambda: self.store.job_state(job_id) in FINAL_JOB_STATES)
-            finally:
-                self.waiters.release()
+        if wait_s > 0 and (final := self.waiter.wait(job_id, wait_s)) is not None:
             doc = self.store.job(job_id)
             if final:
                 if len(doc["outputs"]) == 1 and wants_image(req):
@@ -103,14 +97,43 @@ class ProcessResource:
         return job_id
 
 
-class JobResource:
-    """``GET /api/jobs/{job_id}``: the job document."""
+class Waiter:
+    """Blocks a request until a job is final, for ``?wait``; shared by both routes.
 
-    def __init__(self, store: Store) -> None:
+    A wait holds a request thread, so at most half the threads of a process may wait
+    at once; past that a request answers at once, as if it had not asked to wait.
+    """
+
+    def __init__(self, settings: Settings, store: Store, pipeline: Pipeline) -> None:
         self.store = store
+        self.pipeline = pipeline
+        self.slots = threading.BoundedSemaphore(max(1, settings.gateway_threads // 2))
+
+    def wait(self, job_id: str, wait_s: float) -> bool | None:
+        """True if the job became final in time, False if not, None if no slot was free."""
+        if not self.slots.acquire(blocking=False):
+            return None
+        try:
+            return self.pipeline.wait_final(
+                job_id, wait_s, lambda: self.store.job_state(job_id) in FINAL_JOB_STATES)
+        finally:
+            self.slots.release()
+
+
+class JobResource:
+    """``GET /api/jobs/{job_id}[?wait=S]``: the job document, once final if asked to wait."""
+
+    def __init__(self, settings: Settings, store: Store, waiter: Waiter) -> None:
+        self.settings = settings
+        self.store = store
+        self.waiter = waiter
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
-        resp.media = self.store.job(check_id(job_id))
+        wait_s = parse_wait(req, self.settings)
+        self.store.job_state(check_id(job_id))  # 404 before waiting on a job that is not there
+        if wait_s > 0:
+            self.waiter.wait(job_id, wait_s)
+        resp.media = self.store.job(job_id)
 
 
 class JobListResource:

@@ -173,8 +173,13 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                               "400": _err("bad limit")}}},
             "/api/jobs/{job_id}": {"get": {
                 "operationId": "getJob", "summary": "The job document",
-                "parameters": [JOB_ID],
-                "responses": {"200": _json(_ref("Job"), "the job"), "404": job_404}}},
+                "parameters": [JOB_ID, {
+                    "name": "wait", "in": "query", "required": False,
+                    "description": f"seconds to wait for the job to be final (capped at "
+                                   f"{s.max_wait_s:g}); answered as it stands at the end",
+                    "schema": {"type": "number", "minimum": 0}}],
+                "responses": {"200": _json(_ref("Job"), "the job"),
+                              "400": _err("bad wait"), "404": job_404}}},
             "/api/jobs/{job_id}/outputs/{n}": {"get": {
                 "operationId": "getOutput", "summary": "Output n's bytes once it is done",
                 "parameters": [JOB_ID, {"name": "n", "in": "path", "required": True,

@@ -47,8 +47,6 @@ def wait(url: str, job_id: str, *, client: httpx.Client, timeout: float) -> dict
         job = dict(resp.json())
         if job["state"] in FINAL or left <= 0:
             return job
-        if resp.status_code == 200 and job["state"] not in FINAL:
-            time.sleep(min(0.2, max(0.0, left)))  # a gateway without ?wait on this route
 
 
 def download(url: str, job: dict[str, Any], files: Sequence[Path], out: Path, *,

@@ -27,8 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import zmq
 
+from core.advice import Autoscaler
 from core.config import Settings, add_settings_args, parse_range, settings_from_args
 from core.control import SUPERVISOR_FILE, Unavailable, ask, supervisor_endpoint
 from core.errors import ImgpipeError
@@ -229,9 +231,6 @@ class Supervisor:
         ctl.send_multipart([*envelope, *encode(reply)])
 
     def _autoscale_step(self) -> None:
-        import httpx
-        from core.advice import Autoscaler
-
         assert self.autoscale is not None
         if self._scaler is None:
             self._scaler = Autoscaler(*self.autoscale, current=len(self.workers()))

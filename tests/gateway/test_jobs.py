@@ -165,6 +165,22 @@ def test_wait_with_accept_image_and_a_failed_output_is_422(gateway: Any, zctx: A
     assert res.headers["content-type"].startswith("application/json")
 
 
+def test_get_job_with_wait_answers_once_the_job_is_final(gateway: Any, zctx: Any,
+                                                        settings: Settings) -> None:
+    body, ctype = im.multipart([im.jpeg()], ["invert"])
+    job_id = gateway.post(body, ctype).json["id"]
+    short = gateway.client.simulate_get(f"/api/jobs/{job_id}", params={"wait": "0.2"})
+    assert short.status_code == 200 and short.json["state"] == "queued"
+    sink = FakeSink(zctx, settings, gateway.store)
+    try:
+        res = gateway.client.simulate_get(f"/api/jobs/{job_id}", params={"wait": "20"})
+    finally:
+        sink.close()
+    assert res.status_code == 200 and res.json["state"] == "done"
+    bad = gateway.client.simulate_get(f"/api/jobs/{job_id}", params={"wait": "soon"})
+    assert bad.status_code == 400 and bad.json["field"] == "wait"
+
+
 def test_wait_that_runs_out_answers_202(gateway: Any) -> None:
     body, ctype = im.multipart([im.jpeg()], ["invert"])
     res = gateway.post(body, ctype, params={"wait": "0.3"})
