@@ -9,8 +9,6 @@ with the tail of its log. It dies with the bench (``PR_SET_PDEATHSIG``).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -25,6 +23,7 @@ from typing import Any
 import httpx
 
 from bench import client as api
+from core.runtime import die_with_parent
 
 ENDPOINTS = ("intake", "light_task", "heavy_task", "result", "event", "control", "bus")
 
@@ -37,11 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 class LocalStack:
@@ -73,7 +67,7 @@ class LocalStack:
                 "--no-dashboard", "--data", str(self.data_dir), "--port", str(self.port)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, env=self.env(), stdout=log,
-                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                         stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         self.wait_ready(self.workers, timeout)
         return self
 

@@ -45,3 +45,16 @@ def serve(run: RunFn, settings: Settings, name: str) -> int:
     finally:
         ctx.term()
     return 0
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in a child before exec
+    """``preexec_fn`` for children that must not outlive their parent (Linux only).
+
+    ``PR_SET_PDEATHSIG`` sends the child SIGTERM when the parent dies, even by SIGKILL,
+    so a killed supervisor or bench leaves no orphan stack behind.
+    """
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -14,7 +14,6 @@ Ctrl-C reaches only the supervisor, which stops them in order) and get
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from core.config import Settings, add_settings_args, parse_range, settings_from_
 from core.control import SUPERVISOR_FILE, Unavailable, ask, supervisor_endpoint
 from core.errors import ImgpipeError
 from core.protocol import Reply, Request, decode, encode
-from core.runtime import configure_logging
+from core.runtime import configure_logging, die_with_parent
 from core.sockets import bound_endpoint, make_socket
 
 log = logging.getLogger(__name__)
@@ -43,15 +42,6 @@ log = logging.getLogger(__name__)
 GRACE_S = 10.0          # SIGTERM -> SIGKILL
 BACKOFF_MAX_S = 10.0    # longest wait before restarting a child that keeps dying
 STABLE_S = 30.0         # a child alive this long resets its backoff
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclass
@@ -116,7 +106,7 @@ class Supervisor:
 
     def _spawn(self, child: Child, now: float) -> None:
         child.proc = subprocess.Popen(child.argv, env=self.env, start_new_session=True,
-                                      preexec_fn=_die_with_parent)
+                                      preexec_fn=die_with_parent)
         child.started = now
         child.history.append(child.proc.pid)
         log.info("started %s (pid %d)", child.name, child.proc.pid)

@@ -92,6 +92,30 @@ class Stats:
             return values
 
 
+def _descendants(pid: int) -> list[int]:
+    """Pids of ``pid``'s descendants, read from /proc/<pid>/task/*/children.
+
+    psutil's ``children(recursive=True)`` reads the status of every process on the
+    host; on a busy host that cost more than a JPEG decode per heartbeat. This reads
+    only our own processes' files. Elsewhere than Linux, it falls back to psutil.
+    """
+    try:
+        found: list[int] = []
+        todo = [pid]
+        while todo:
+            parent = todo.pop()
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children") as fh:
+                    kids = [int(k) for k in fh.read().split()]
+                found += kids
+                todo += kids
+        return found
+    except FileNotFoundError:  # a process ended while we looked: take what we have
+        return found
+    except OSError:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
 class Resources:
     """CPU % and RSS of this process and its children (pool, fork server), via psutil."""
 
@@ -102,10 +126,12 @@ class Resources:
         self.last: tuple[float, int] = (0.0, 0)
 
     def sample(self) -> tuple[float, int]:
-        try:
-            current = [self._me, *self._me.children(recursive=True)]
-        except psutil.Error:
-            current = [self._me]
+        current = [self._me]
+        for pid in _descendants(self._me.pid):
+            try:
+                current.append(self._procs.get(pid) or psutil.Process(pid))
+            except psutil.Error:  # ended since we listed it
+                continue
         cpu, rss = 0.0, 0
         seen: dict[int, psutil.Process] = {}
         for proc in current:

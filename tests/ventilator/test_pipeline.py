@@ -37,7 +37,7 @@ from tests.ventilator.procs import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 LIGHT = "resize:w=64"
-HEAVY = "resize:w=64|median"
+HEAVY = "resize:w=64|median:size=9"
 
 
 class Pipeline:
@@ -144,7 +144,7 @@ def test_routing_by_cost_class_and_the_control_ops(pipe: Pipeline) -> None:
     jobs = [make_job(pipe.store, 4, [LIGHT, HEAVY], seed=i) for i in range(3)]
     outs = pipe.wait(jobs)
     by_class = {(o["ops"], o["worker"]) for o in outs}
-    assert by_class == {(LIGHT, light), ("resize:w=64|median", heavy)}, by_class
+    assert by_class == {(LIGHT, light), (HEAVY, heavy)}, by_class
 
     ping = ask_ok(pipe.ctx, pipe.settings, "ping")
     assert set(ping) == {"role", "pid", "uptime_s"} and ping["uptime_s"] > 0
@@ -219,3 +219,10 @@ def test_a_killed_and_restarted_stable_node_loses_nothing(pipe: Pipeline, victim
         assert stats["recovered"] >= 1  # running outputs were leased, not resent blindly
     attempts = Counter(o["attempts"] for o in outputs(pipe.store, jobs))
     assert max(attempts) <= 3, attempts
+
+
+def test_the_chains_used_here_have_the_classes_the_routing_tests_assume() -> None:
+    from filters import parse_chain
+
+    assert parse_chain(LIGHT).cost == "light"
+    assert parse_chain(HEAVY).cost == "heavy"
