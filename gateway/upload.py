@@ -37,7 +37,7 @@ from filters import parse_chain, sniff
 from filters.codec import check_pixels, probe
 from gateway.errors import BadForm, ClientTimeout, PayloadTooLarge, RequestTimeout
 
-CHUNK = 64 * 1024
+CHUNK = 1024 * 1024
 
 
 class Readable(Protocol):

@@ -9,8 +9,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.workers.images import jpeg
-from tests.workers.test_pipeline import reference
+from tests.images import jpeg, reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -19,8 +19,8 @@ import zmq
 from PIL import Image
 
 from core.control import ask, supervisor_endpoint
+from tests.images import jpeg
 from tests.support import wait_for
-from tests.workers.images import jpeg
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

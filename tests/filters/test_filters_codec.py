@@ -30,31 +30,14 @@ from filters import (
     probe,
     sniff,
 )
+from tests import images
 from tests.filters.images import Pixels, from_pil, photo, psnr, save, to_pil
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def png_bytes(width: int, height: int, idat: bytes, *, depth: int = 8, color: int = 2) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", idat)
-        + png_chunk(b"IEND", b"")
-    )
 
 
 @pytest.fixture(scope="module")
 def png_bomb() -> bytes:
     """A real 20000×20000 1-bit PNG of zeros: about 50 kB that decodes to 400 megapixels."""
-    side = 20000
-    row = b"\x00" * (1 + side // 8)  # filter byte + packed bits
-    packer = zlib.compressobj(9)
-    body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-    return png_bytes(side, side, body, depth=1, color=0)
+    return images.png_bomb(20000)
 
 
 def jpeg_bytes(img: Pixels, *, orientation: int = 1, mode: str = "RGB", quality: int = 95) -> bytes:
@@ -122,7 +105,7 @@ def test_svg_tiff_and_pdf_made_by_real_tools_are_refused() -> None:
 
 
 def test_a_header_claiming_60000_squared_is_refused_from_the_header() -> None:
-    data = png_bytes(60000, 60000, zlib.compress(b"\x00" * 100))
+    data = images.png_file(60000, 60000, zlib.compress(b"\x00" * 100))
     info = probe(data)
     assert (info.format, info.width, info.height) == ("png", 60000, 60000)
     with pytest.raises(ImageTooLarge) as exc:

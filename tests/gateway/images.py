@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import io
-import struct
 import uuid
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
+
+from tests.images import png_bomb, png_header_only  # noqa: F401  (re-exported)
 
 
 def jpeg(width: int = 64, height: int = 48, *, seed: int = 0, quality: int = 90) -> bytes:
@@ -37,31 +36,6 @@ def smooth_jpeg(width: int, height: int, *, seed: int = 0) -> bytes:
     out = io.BytesIO()
     Image.fromarray(arr).save(out, "JPEG", quality=85)
     return out.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height, with a token IDAT: a header and no pixels."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
-            + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _chunk(b"IEND", b""))
-
-
-@functools.lru_cache(maxsize=2)
-def png_bomb(side: int = 20000) -> bytes:
-    """A complete, valid 1-bit grayscale PNG of side x side zeros: tiny file, huge image."""
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    rows = b"\x00" * ((1 + (side + 7) // 8) * 1000)
-    comp = zlib.compressobj(9)
-    parts = [comp.compress(rows[: len(rows) // 1000 * min(1000, side - done)])
-             for done in range(0, side, 1000)]
-    parts.append(comp.flush())
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"".join(parts))
-            + _chunk(b"IEND", b""))
 
 
 SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'

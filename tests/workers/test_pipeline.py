@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from core.protocol import Task
-from filters import apply_chain, decode, encode, output_format, parse_chain, probe
-from tests.workers.images import jpeg, picture, png
+from filters import decode
+from tests.images import jpeg, picture, png, reference
 from workers.pipeline import Options, process_task
 from workers.pool import FilterPool
 from workers.shm import BufferSet
@@ -22,17 +22,6 @@ OPTS = Options(worker="test-1", max_pixels=50_000_000)
 
 def task(data: bytes, ops: str, **kw: Any) -> Task:
     return Task(task_id="t1", job_id="j1", n=0, ops=ops, payload=memoryview(data), **kw)
-
-
-def reference(data: bytes, ops: str) -> bytes:
-    """decode -> apply_chain -> encode in this process, as the worker must do it."""
-    chain = parse_chain(ops)
-    info = probe(data)
-    img = decode(data, reduce=chain.reduce_factor(info.width, info.height))
-    enc = chain.encode
-    fmt = output_format(info.format, enc.format if enc else None)
-    return encode(apply_chain(img, chain), fmt, enc.quality) if enc else \
-        encode(apply_chain(img, chain), fmt)
 
 
 def gif(width: int, height: int) -> bytes:

@@ -11,8 +11,8 @@ import psutil
 import pytest
 
 from filters import apply_chain, decode, parse_chain
+from tests.images import jpeg
 from tests.support import wait_for
-from tests.workers.images import jpeg
 from workers.pool import DeadlineExceeded, FilterFailed, FilterPool, ProcessDied
 from workers.shm import BufferSet
 

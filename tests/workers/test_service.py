@@ -14,10 +14,9 @@ import pytest
 import zmq
 
 from core.protocol import Event, Heartbeat, Task
+from tests.images import jpeg, reference
 from tests.support import make_settings, wait_for
-from tests.workers.images import jpeg
 from tests.workers.rig import Rig
-from tests.workers.test_pipeline import reference
 from workers.shm import leftovers, sweep
 
 
