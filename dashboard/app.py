@@ -18,7 +18,7 @@ from core.advice import MAINTAIN, SCALE_UP, recommend
 from core.config import Settings
 from core.control import ask, supervisor_endpoint
 from core.errors import ImgpipeError
-from dashboard import jobs, views
+from dashboard import charts, jobs, views
 from dashboard.collector import Collector
 
 STATE_STYLE = {"busy": "background-color:#fde2d4;color:#9a3412;font-weight:600",
@@ -110,6 +110,12 @@ def logs(snap: Any) -> None:
             st.dataframe(gaps, hide_index=True, width="stretch", height=240)
 
 
+def chart(col: Any, c: charts.Chart) -> None:
+    """Vega-Lite, not Plotly: with a constant spec the browser swaps the data in place,
+    so a chart drawn once stays drawn while the page redraws (see dashboard.charts)."""
+    col.vega_lite_chart(c.data, c.spec, width="stretch")
+
+
 @st.fragment(run_every=1)
 def live(collector: Collector) -> None:
     snap = collector.snapshot()
@@ -122,11 +128,11 @@ def live(collector: Collector) -> None:
     fleet_table(snap)
     df = views.series_frame(snap)
     c1, c2 = st.columns(2)
-    c1.plotly_chart(views.throughput_figure(df), key="throughput", config={"displaylogo": False})
-    c2.plotly_chart(views.latency_figure(df), key="latency", config={"displaylogo": False})
+    chart(c1, charts.throughput_chart(df))
+    chart(c2, charts.latency_chart(df))
     c3, c4 = st.columns(2)
-    c3.plotly_chart(views.queue_figure(df), key="queue", config={"displaylogo": False})
-    c4.plotly_chart(views.stage_figure(snap), key="stages", config={"displaylogo": False})
+    chart(c3, charts.queue_chart(df))
+    chart(c4, charts.stage_chart(snap))
     if snap.gateway is None and snap.gateway_error:
         st.caption(f"Latency percentiles and the fleet's stage means come from the gateway's "
                    f"/api/metrics: {snap.gateway_error}.")

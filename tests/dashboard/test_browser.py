@@ -9,6 +9,7 @@ drives it; the test skips only when chromium is missing and CI is unset.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -31,6 +32,24 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+# The chart titles, and the marks that show each one has data drawn.
+CHARTS = {"Throughput and busy workers": "g.mark-area path, g.mark-line path",
+          "Latency percentiles (upload to result)": "g.mark-line path",
+          "Queue depth and in flight": "g.mark-line path",
+          "Mean time per stage": "g.mark-rect path"}
+# Per visible chart: its title, its box (page px), and whether a mark path of its kind
+# has geometry (a drawn line, area or bar has several coordinates in its ``d``).
+DRAWN = """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"] svg')]
+  .filter(svg => svg.getBoundingClientRect().width > 0).map(svg => {
+    const r = svg.getBoundingClientRect();
+    const title = (svg.querySelector('.role-title-text') || {}).textContent || '';
+    const marks = (CHARTS)[title] || 'none';
+    const drawn = [...svg.querySelectorAll(marks)].some(
+        p => ((p.getAttribute('d') || '').match(/\\d+/g) || []).length >= 4);
+    return {title, drawn, x: Math.round(r.x), y: Math.round(r.y),
+            w: Math.round(r.width), h: Math.round(r.height)};
+  })""".replace("(CHARTS)", json.dumps(CHARTS))
 
 
 def need_chromium() -> None:
@@ -103,15 +122,25 @@ def test_dashboard_shows_the_running_workers(stack: Settings) -> None:
             assert any(a in advice.inner_text() for a in ("SCALE_UP", "MAINTAIN",
                                                           "SCALE_DOWN"))
             page.locator('[data-testid="stImage"] img').first.wait_for(timeout=120_000)
-            page.wait_for_timeout(2000)                      # one more refresh drawn
-            # Charts redraw every second; shoot when all four have their data drawn.
-            page.wait_for_function(
-                """() => [...document.querySelectorAll('.js-plotly-plot')].filter(
-                     p => p.querySelector('.scatterlayer .trace, .barlayer .trace')).length >= 4""",
-                timeout=240_000, polling=100)
+            # Every chart must have its marks drawn, in the page and in the screenshot.
+            page.wait_for_function(f"() => ({DRAWN})().every(c => c.drawn)", timeout=240_000,
+                                   polling=100)
+            page.wait_for_timeout(2000)                      # two more redraws of the page
+            before = page.evaluate(DRAWN)
             page.screenshot(path=str(SHOT), timeout=120_000, animations="disabled")
+            after = page.evaluate(DRAWN)
         finally:
             browser.close()
+    assert sorted(c["title"] for c in before) == sorted(CHARTS), before
+    assert all(c["drawn"] for c in before + after), (before, after)
+    assert SHOT.stat().st_size > 10_000
+    with Image.open(SHOT) as img:
+        assert img.size == (1440, 2100)
+        for c in before:                                     # drawn in the image too
+            box = img.convert("L").crop((c["x"], c["y"], c["x"] + c["w"], c["y"] + c["h"]))
+            hist = box.histogram()
+            inked = sum(hist[:200]) / (box.width * box.height)
+            assert inked > 0.02, (c["title"], inked)
     assert SHOT.stat().st_size > 10_000
     with Image.open(SHOT) as img:
         assert img.size == (1440, 2100)

@@ -1,4 +1,4 @@
-"""Snapshot -> dataframes and figures, checked on snapshots built by the real collector."""
+"""Snapshot -> dataframes and charts, checked on snapshots built by the real collector."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 
 from core.advice import SCALE_UP, recommend
 from core.config import Settings
-from dashboard import views
+from dashboard import charts, views
+from dashboard.charts import Chart
 from dashboard.collector import Collector, Snapshot
 from tests.dashboard.feed import event, heartbeat, metric
 
@@ -68,29 +69,64 @@ def test_live_metrics_feed_the_advice(busy_snapshot: Snapshot) -> None:
     assert advice["action"] == SCALE_UP and advice["workers"] > 3
 
 
-def test_figures_carry_the_numbers(busy_snapshot: Snapshot) -> None:
+def series(chart: Chart, name: str) -> list[float]:
+    rows = chart.data[chart.data["series"] == name]
+    return rows["value"].tolist()
+
+
+def test_charts_carry_the_numbers(busy_snapshot: Snapshot) -> None:
     df = views.series_frame(busy_snapshot)
-    thr = views.throughput_figure(df)
-    assert [t.name for t in thr.data] == ["outputs/s", "busy workers", "alive workers"]
-    assert list(thr.data[0].y) == [3.0] * 6
-    lat = views.latency_figure(df)
-    assert [t.name for t in lat.data] == ["p50", "p95", "p99"]
-    assert list(lat.data[0].y)[-1] == 905.0
-    q = views.queue_figure(df)
-    assert list(q.data[0].y) == [30, 32, 34, 36, 38, 40]
-    st = views.stage_figure(busy_snapshot)
-    assert [t.name for t in st.data] == ["queue", "decode", "filters", "encode"]
-    assert {tuple(t.y) for t in st.data} == {("w0",)}
-    assert [t.x[0] for t in st.data] == [100.0, 30.0, 60.0, 10.0]
+    assert df["ms"].tolist() == [1_000_000.0 + 1000 * t for t in range(6)]
+    thr = charts.throughput_chart(df)
+    assert set(thr.data["series"]) == {"outputs/s", "busy workers", "alive workers"}
+    assert series(thr, "outputs/s") == [3.0] * 6 and series(thr, "busy workers") == [3] * 6
+    assert thr.spec["resolve"] == {"scale": {"y": "independent"}}   # workers on the right
+    lat = charts.latency_chart(df)
+    assert set(lat.data["series"]) == {"p50", "p95", "p99"}
+    assert series(lat, "p50")[-1] == 905.0
+    q = charts.queue_chart(df)
+    assert series(q, "queued") == [30, 32, 34, 36, 38, 40]
+    assert series(q, "in flight") == [3] * 6
+    st = charts.stage_chart(busy_snapshot)
+    assert set(st.data["source"]) == {"w0"}
+    assert st.data[["stage", "ms"]].values.tolist() == [["queue", 100.0], ["decode", 30.0],
+                                                        ["filters", 60.0], ["encode", 10.0]]
+    for chart in (thr, lat, q, st):
+        assert not chart.message
+        assert chart.spec["usermeta"]["embedOptions"]["renderer"] == "svg"
 
 
-def test_figures_on_an_empty_snapshot_say_why(settings: Settings) -> None:
+def test_chart_specs_do_not_depend_on_the_numbers(busy_snapshot: Snapshot,
+                                                  settings: Settings) -> None:
+    """The browser swaps data in place only while the spec stays the same (no remount)."""
+    other = Collector(settings)
+    try:
+        for t in range(3):
+            other.handle(heartbeat("zz", t + 1, state="idle", done=t), now=2000.0 + t)
+            other.handle(metric("vent", "ventilator", t + 1, queue_depth=t, inflight=0),
+                         now=2000.0 + t)
+            other.set_gateway_metrics({"latency_ms": {"p95": 7.0}}, now=2000.0 + t)
+            other.handle(metric("zz", "worker", t + 1, throughput=0.5, decode_ms_mean=5.0,
+                                total_ms_mean=5.0), now=2000.0 + t)
+            other.sample(2000.0 + t)
+        snap = other.snapshot(now=2002.5)
+    finally:
+        other.stop()
+    a, b = views.series_frame(busy_snapshot), views.series_frame(snap)
+    assert not a.equals(b)
+    for make in (charts.throughput_chart, charts.latency_chart, charts.queue_chart):
+        assert make(a).spec == make(b).spec and not make(a).data.equals(make(b).data)
+    assert (charts.stage_chart(busy_snapshot).spec == charts.stage_chart(snap).spec)
+    assert set(charts.latency_chart(b).data["series"]) == {"p95"}
+
+
+def test_charts_on_an_empty_snapshot_say_why(settings: Settings) -> None:
     snap = Collector(settings).snapshot()
     df = views.series_frame(snap)
-    for fig in (views.throughput_figure(df), views.latency_figure(df),
-                views.queue_figure(df), views.stage_figure(snap)):
-        assert not fig.data
-        assert fig.layout.annotations[0].text
+    for chart in (charts.throughput_chart(df), charts.latency_chart(df),
+                  charts.queue_chart(df), charts.stage_chart(snap)):
+        assert chart.message and chart.data["text"].tolist() == [chart.message]
+        assert chart.spec["mark"]["type"] == "text"
 
 
 def test_events_newest_first_and_gaps(busy_snapshot: Snapshot) -> None:
