@@ -150,6 +150,11 @@ def recent_jobs(settings: Settings) -> None:
     if not found:
         st.caption("No job yet: `imgpipe submit photo.jpg --ops 'resize:w=640' --wait`.")
         return
+    if any(job.get("state") in jobs.FINAL for job in found):
+        # Plotly here, unlike the live charts: the figure changes only when a job or an
+        # output finishes, so the element (keyed by its figure) is not remounted each run.
+        st.plotly_chart(views.jobs_timing_figure(found), key="job_timings",
+                        config={"displaylogo": False})
     for job in found:
         st.caption(jobs.job_caption(job))
         if not (job.get("progress") or {}).get("done"):

@@ -10,10 +10,14 @@ from datetime import datetime
 from typing import Any
 
 import pandas as pd
+import plotly.graph_objects as go
 
+from dashboard.charts import STAGE_COLORS
 from dashboard.collector import Snapshot
 
 TREND_WINDOW_S = 5.0
+JOB_STAGES = ("queue", "decode", "filters", "encode")
+JOB_TIMINGS_TITLE = "Where the time went, per recent job"
 FLEET_COLUMNS = ["id", "host", "pid", "state", "cpu %", "rss MB", "done", "failed",
                  "in flight", "last beat s"]
 
@@ -89,3 +93,61 @@ def gaps_frame(snap: Snapshot) -> pd.DataFrame:
     """Per publisher and kind: messages received, missed (by seq) and restarts."""
     return pd.DataFrame(snap.gaps, columns=["source", "kind", "received", "missed",
                                             "restarts", "last_seq"])
+
+
+def _job_timings(job: dict[str, Any]) -> tuple[int, dict[str, float]] | None:
+    """(done outputs, mean ms per stage rounded to 0.1) or None when nothing finished.
+
+    A stage no output reported (an output served without decode, say) counts as 0 ms.
+    """
+    outs = [o for o in job.get("outputs") or []
+            if isinstance(o, dict) and o.get("state") == "done"
+            and isinstance(o.get("timings_ms"), dict)]
+    if not outs:
+        return None
+    means = {}
+    for stage in JOB_STAGES:
+        vals = [float(o["timings_ms"][stage]) for o in outs
+                if isinstance(o["timings_ms"].get(stage), int | float)]
+        means[stage] = round(sum(vals) / len(vals), 1) if vals else 0.0
+    return len(outs), means
+
+
+def jobs_timing_figure(jobs: list[dict[str, Any]]) -> go.Figure:
+    """One horizontal stacked bar per job (newest on top): mean ms per output per stage.
+
+    Built only from finished outputs and rounded to 0.1 ms, so the same jobs give the
+    same figure JSON: Streamlit keys a Plotly element by its whole figure, and an
+    unchanged figure is neither remounted nor redrawn. Colours match the stage chart.
+    """
+    rows = [(job, t) for job in jobs if (t := _job_timings(job)) is not None]
+    layout: dict[str, Any] = {
+        "title": {"text": JOB_TIMINGS_TITLE, "x": 0, "xanchor": "left"},
+        "margin": {"l": 10, "r": 10, "t": 70, "b": 40},
+        "height": 150 + 34 * max(len(rows), 1)}
+    if not rows:
+        return go.Figure(layout={**layout, "xaxis": {"visible": False},
+                                 "yaxis": {"visible": False},
+                                 "annotations": [{"text": "no finished output yet",
+                                                  "showarrow": False, "x": 0.5, "y": 0.5,
+                                                  "xref": "paper", "yref": "paper",
+                                                  "font": {"color": "#888"}}]})
+    labels = [f"{str(job.get('id', '?'))[:8]} · {job.get('state', '?')}" for job, _ in rows]
+    if len(set(labels)) < len(labels):   # bars on one category would stack: use full ids
+        labels = [f"{job.get('id', '?')} · {job.get('state', '?')}" for job, _ in rows]
+    extra = [[n, round(sum(m.values()), 1)] for _, (n, m) in rows]
+    fig = go.Figure(layout={
+        **layout, "barmode": "stack",
+        "xaxis": {"title": {"text": "mean ms per output"}, "rangemode": "tozero"},
+        "yaxis": {"type": "category", "autorange": "reversed", "automargin": True},
+        "legend": {"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom",
+                   "traceorder": "normal"},
+        "bargap": 0.35, "hovermode": "closest"})
+    for stage in JOB_STAGES:
+        fig.add_trace(go.Bar(
+            name=stage, orientation="h", y=labels, x=[m[stage] for _, (_, m) in rows],
+            marker={"color": STAGE_COLORS[stage]}, customdata=extra,
+            hovertemplate=(f"%{{y}}<br>{stage}: %{{x:.1f}} ms per output<br>"
+                           "outputs: %{customdata[0]}<br>total: %{customdata[1]:.1f} ms "
+                           "per output<extra></extra>")))
+    return fig

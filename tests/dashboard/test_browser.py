@@ -51,6 +51,20 @@ DRAWN = """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"] 
             w: Math.round(r.width), h: Math.round(r.height)};
   })""".replace("(CHARTS)", json.dumps(CHARTS))
 
+# The Plotly job-timings chart: its bars (paths with a width), its y labels and box.
+JOB_BARS = """() => [...document.querySelectorAll('.js-plotly-plot .barlayer path')]
+  .some(p => ((p.getAttribute('d') || '').match(/\\d+/g) || []).length >= 4)"""
+JOB_CHART = """() => {
+  const plot = document.querySelector('.js-plotly-plot');
+  if (!plot) return {bars: 0, labels: '', title: '', box: {}};
+  const r = plot.getBoundingClientRect();
+  return {bars: plot.querySelectorAll('.barlayer path').length,
+          labels: [...plot.querySelectorAll('.ytick text')].map(t => t.textContent).join('|'),
+          title: (plot.querySelector('.gtitle') || {}).textContent || '',
+          box: {x: Math.round(r.x), y: Math.round(r.y), w: Math.round(r.width),
+                h: Math.round(r.height)}};
+}"""
+
 
 def need_chromium() -> None:
     if os.path.exists(CHROMIUM) or shutil.which("chromium"):
@@ -105,6 +119,7 @@ def test_dashboard_shows_the_running_workers(stack: Settings) -> None:
                       files=[("image", ("g.png", png(640, 400), "image/png"))],
                       data={"ops": ["resize:w=320", "sepia"]}, timeout=90)
     assert resp.status_code == 200 and resp.json()["state"] == "done", resp.text
+    job_id = resp.json()["id"]
     url = f"http://{stack.gateway_host}:{stack.dashboard_port}/"
     wait_for(lambda: httpx.get(url + "_stcore/health", timeout=3).status_code == 200, 180,
              interval=0.5, what="the dashboard's health endpoint")
@@ -122,6 +137,8 @@ def test_dashboard_shows_the_running_workers(stack: Settings) -> None:
             assert any(a in advice.inner_text() for a in ("SCALE_UP", "MAINTAIN",
                                                           "SCALE_DOWN"))
             page.locator('[data-testid="stImage"] img').first.wait_for(timeout=120_000)
+            # The Plotly job-timings panel, once the job is listed as done: drawn bars.
+            page.wait_for_function(JOB_BARS, timeout=120_000, polling=200)
             # Every chart must have its marks drawn, in the page and in the screenshot.
             page.wait_for_function(f"() => ({DRAWN})().every(c => c.drawn)", timeout=240_000,
                                    polling=100)
@@ -129,18 +146,18 @@ def test_dashboard_shows_the_running_workers(stack: Settings) -> None:
             before = page.evaluate(DRAWN)
             page.screenshot(path=str(SHOT), timeout=120_000, animations="disabled")
             after = page.evaluate(DRAWN)
+            job_chart = page.evaluate(JOB_CHART)
         finally:
             browser.close()
     assert sorted(c["title"] for c in before) == sorted(CHARTS), before
     assert all(c["drawn"] for c in before + after), (before, after)
+    assert job_chart["bars"] > 0 and job_id[:8] in job_chart["labels"], job_chart
+    assert "Where the time went" in job_chart["title"], job_chart
     assert SHOT.stat().st_size > 10_000
     with Image.open(SHOT) as img:
         assert img.size == (1440, 2100)
-        for c in before:                                     # drawn in the image too
+        for c in [*before, {"title": "job timings", **job_chart["box"]}]:                                     # drawn in the image too
             box = img.convert("L").crop((c["x"], c["y"], c["x"] + c["w"], c["y"] + c["h"]))
             hist = box.histogram()
             inked = sum(hist[:200]) / (box.width * box.height)
             assert inked > 0.02, (c["title"], inked)
-    assert SHOT.stat().st_size > 10_000
-    with Image.open(SHOT) as img:
-        assert img.size == (1440, 2100)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from core.advice import SCALE_UP, recommend
@@ -135,3 +137,70 @@ def test_events_newest_first_and_gaps(busy_snapshot: Snapshot) -> None:
     gaps = views.gaps_frame(busy_snapshot)
     assert set(gaps["kind"]) == {"heartbeat", "metric"}
     assert gaps["missed"].sum() == 0 and gaps["received"].sum() == 30
+
+
+def job_doc(job_id: str, state: str, *timings: dict[str, float | None],
+            failed: int = 0) -> dict[str, object]:
+    """A job document as ``GET /api/jobs`` returns it: done outputs, then failed ones."""
+    outs = [{"n": i, "state": "done", "timings_ms": {**t, "total": None}}
+            for i, t in enumerate(timings)]
+    outs += [{"n": len(outs) + i, "state": "failed", "timings_ms": {"queue": 9999.0}}
+             for i in range(failed)]
+    return {"id": job_id, "state": state, "outputs": outs,
+            "progress": {"done": len(timings), "failed": failed, "total": len(outs)}}
+
+
+RECENT = [  # newest first, as the gateway lists them
+    job_doc("3333aaaa-0000", "running", {"queue": 1.0, "decode": 2.0, "filters": 3.0,
+                                         "encode": 4.0}),
+    job_doc("2222bbbb-0000", "partial", {"queue": 10.0, "decode": 20.0, "filters": 30.0,
+                                         "encode": 40.0},
+            {"queue": 20.0, "decode": 40.0, "filters": 60.0, "encode": 80.04}, failed=1),
+    job_doc("0000dddd-0000", "running"),          # nothing finished yet: no bar
+    job_doc("1111cccc-0000", "done", {"queue": 0.123, "decode": None, "filters": 5.55,
+                                      "encode": 1.0}),
+]
+
+
+def test_jobs_timing_figure_bars_per_job() -> None:
+    fig = views.jobs_timing_figure(RECENT)
+    assert [t.name for t in fig.data] == ["queue", "decode", "filters", "encode"]
+    labels = ["3333aaaa · running", "2222bbbb · partial", "1111cccc · done"]
+    for trace in fig.data:
+        assert trace.orientation == "h" and list(trace.y) == labels
+        assert trace.marker.color == charts.STAGE_COLORS[trace.name]
+    assert fig.layout.barmode == "stack" and fig.layout.yaxis.autorange == "reversed"
+    x = {t.name: list(t.x) for t in fig.data}
+    assert x == {"queue": [1.0, 15.0, 0.1], "decode": [2.0, 30.0, 0.0],
+                 "filters": [3.0, 45.0, 5.5], "encode": [4.0, 60.0, 1.0]}
+    # hover: done outputs averaged, and the bar's length (ms per output)
+    assert [list(c) for c in fig.data[0].customdata] == [[1, 10.0], [2, 150.0], [1, 6.6]]
+    assert "outputs: %{customdata[0]}" in fig.data[0].hovertemplate
+    assert fig.layout.title.text == views.JOB_TIMINGS_TITLE
+
+
+def test_jobs_timing_figure_is_stable() -> None:
+    """Streamlit keys a Plotly element by its figure: same jobs, same JSON, no remount."""
+    first = views.jobs_timing_figure(copy.deepcopy(RECENT)).to_json()
+    assert views.jobs_timing_figure(copy.deepcopy(RECENT)).to_json() == first
+    jitter = copy.deepcopy(RECENT)
+    jitter[1]["outputs"][0]["timings_ms"]["decode"] = 20.0000001   # rounds to the same 0.1
+    assert views.jobs_timing_figure(jitter).to_json() == first
+    changed = copy.deepcopy(RECENT)
+    changed[0]["outputs"][0]["timings_ms"]["filters"] = 3.2
+    assert views.jobs_timing_figure(changed).to_json() != first
+
+
+def test_jobs_timing_figure_empty_says_why() -> None:
+    for jobs in ([], [job_doc("0000dddd-0000", "failed", failed=2)]):
+        fig = views.jobs_timing_figure(jobs)
+        assert len(fig.data) == 0
+        assert [a.text for a in fig.layout.annotations] == ["no finished output yet"]
+        assert fig.layout.xaxis.visible is False
+
+
+def test_jobs_timing_figure_keeps_jobs_apart_when_short_ids_clash() -> None:
+    twins = [job_doc("abcdefgh-1", "done", {"queue": 1.0}),
+             job_doc("abcdefgh-2", "done", {"queue": 2.0})]
+    fig = views.jobs_timing_figure(twins)
+    assert list(fig.data[0].y) == ["abcdefgh-1 · done", "abcdefgh-2 · done"]
