@@ -249,5 +249,7 @@ class Pipeline(Mode):
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.http.close()
+        if self.poster is not None:
+            self.poster.close()
         if self.stack is not None:
             self.stack.stop()

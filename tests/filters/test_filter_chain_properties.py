@@ -42,7 +42,7 @@ def _fix(name: str, values: dict[str, tuple[Any, str]]) -> None:
         values["size"] = (size, str(size))
     if name == "edges":
         low, high = values.get("low", (100.0, "100")), values.get("high", (200.0, "200"))
-        if low[0] > high[0]:
+        if float(low[1]) > float(high[1]):  # the text is what is parsed: "%e" rounds
             values["low"], values["high"] = high, low
 
 

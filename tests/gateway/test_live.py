@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.gateway import images as im
 from tests.gateway.live import Gateway, Stack
 from tests.gateway.test_validation import CASES, Case
-from tests.support import make_settings, short_dir
+from tests.support import make_settings, short_dir, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -53,6 +53,9 @@ def stack() -> Iterator[Stack]:
 def gw(stack: Stack) -> Iterator[Gateway]:
     g = stack.start_gateway()
     g.wait_healthy()
+    # Healthy needs one live worker; the tests count on both having sent a heartbeat.
+    wait_for(lambda: len([w for w in g.http.get("/api/workers").json()["workers"]
+                          if w["state"] != "lost"]) == 2, 60, what="both workers alive")
     yield g
     g.close()
 
