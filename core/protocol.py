@@ -20,6 +20,7 @@ bad JSON, a wrong version, an unknown kind, a missing or mistyped field.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from collections.abc import Sequence
@@ -258,21 +259,17 @@ def decode(frames: Sequence[Any], expect: type[Message] | None = None) -> Messag
     if len(frames) != want:
         raise ProtocolError(f"{cls.kind}: expected {want} frame(s), got {len(frames)}")
     values: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("wire"):
+    for name, base, required in _schema(cls):
+        if name not in header:
+            if required:
+                raise ProtocolError(f"{cls.kind}: missing field {name!r}")
             continue
-        if f.name not in header:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProtocolError(f"{cls.kind}: missing field {f.name!r}")
-            continue
-        value = header[f.name]
-        base = typing.get_origin(hints[f.name]) or hints[f.name]
+        value = header[name]
         allowed = _BASE.get(base)
         if allowed is not None and (not isinstance(value, allowed)
                                     or (base is not bool and isinstance(value, bool))):
-            raise ProtocolError(f"{cls.kind}: field {f.name!r} must be {base.__name__}")
-        values[f.name] = float(value) if base is float else value
+            raise ProtocolError(f"{cls.kind}: field {name!r} must be {base.__name__}")
+        values[name] = float(value) if base is float else value
     msg = cls(**values)
     if cls.has_payload:
         msg.payload = _buffer(frames[1])  # type: ignore[attr-defined]
@@ -287,6 +284,20 @@ def decode_topic(frames: Sequence[Any]) -> Message:
     if TOPICS.get(type(msg)) != bytes(_buffer(frames[0])):
         raise ProtocolError(f"{msg.kind} published under the wrong topic")
     return msg
+
+
+@functools.cache
+def _schema(cls: type[Message]) -> tuple[tuple[str, Any, bool], ...]:
+    """(name, base type, required) of each header field; computed once per class.
+
+    ``typing.get_type_hints`` parses the string annotations again on every call, which
+    cost more than the rest of ``decode`` together: it runs once per class here.
+    """
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (f.name, typing.get_origin(hints[f.name]) or hints[f.name],
+         f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        for f in dataclasses.fields(cls) if not f.metadata.get("wire"))
 
 
 def _buffer(frame: Any) -> Any:
