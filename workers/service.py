@@ -47,6 +47,13 @@ from workers.shm import BufferSet
 
 log = logging.getLogger(__name__)
 
+# A small kernel receive buffer on the task sockets: over TCP the kernel would
+# otherwise grow it to megabytes and hold several 1 MB tasks that this worker is too
+# busy to read while its peers sit idle (ZeroMQ's high-water marks count only the
+# messages ZeroMQ itself queues). With the ventilator's small SNDBUF, what waits at
+# a busy worker is about one task.
+TASK_OPTIONS = {zmq.IMMEDIATE: 1, zmq.RCVBUF: 8 * 1024}
+
 DRAIN_S = 5.0
 POLL_MS = 200
 # OpenCV threads inside each filter process; see docs/worker.md for the measurements.
@@ -146,7 +153,7 @@ class TaskLoop:
         socks: list[zmq.Socket[Any]] = []
         try:
             self.tasks = [make_socket(self.ctx, zmq.PULL, s, connect=ep, rcvhwm=1,
-                                      options={zmq.IMMEDIATE: 1})
+                                      options=TASK_OPTIONS)
                           for ep in task_endpoints(s)]
             socks += self.tasks
             self.results = make_socket(self.ctx, zmq.PUSH, s, connect=s.result_endpoint,
