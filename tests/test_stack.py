@@ -76,3 +76,63 @@ def test_a_killed_child_is_restarted(stack_factory: Any) -> None:
 
     wait_for(replaced, 60, interval=0.3, what="a new worker after SIGKILL")
     assert not shm_segments({old["pid"]})
+
+
+def test_submit_uploads_waits_and_saves_every_output(stack_factory: Any, tmp_path: Path) -> None:
+    from tests.images import jpeg
+
+    stack = stack_factory(2)
+    files = []
+    for i in range(2):
+        path = tmp_path / f"photo{i}.jpg"
+        path.write_bytes(jpeg(320, 240, seed=i))
+        files.append(str(path))
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "imgpipe", "submit", *files, "--ops", "resize:w=100",
+         "--ops", "grayscale|encode:format=png", "--wait", "-o", str(out), "--url", stack.url],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ": done (4 done, 0 failed, 4 total)" in done.stdout
+    saved = sorted(p.name for p in out.iterdir())
+    assert saved == ["photo0-0.jpg", "photo0-1.png", "photo1-2.jpg", "photo1-3.png"]
+    from PIL import Image
+
+    with Image.open(out / "photo1-2.jpg") as im:
+        assert im.size == (100, 75)
+    with Image.open(out / "photo0-1.png") as im:
+        assert im.mode == "L"
+
+
+def test_submit_reports_a_bad_chain_and_an_unreachable_gateway(stack_factory: Any,
+                                                                tmp_path: Path) -> None:
+    from tests.images import jpeg
+    from tests.support import free_port
+
+    stack = stack_factory(1)
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg(64, 48))
+    bad = subprocess.run([sys.executable, "-m", "imgpipe", "submit", str(path), "--ops",
+                          "blur:radius=-1", "--url", stack.url],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "HTTP 400" in bad.stderr and "radius" in bad.stderr
+    gone = subprocess.run([sys.executable, "-m", "imgpipe", "submit", str(path), "--url",
+                           f"http://127.0.0.1:{free_port()}"],
+                          capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 1 and "imgpipe submit:" in gone.stderr
+
+
+def test_autoscale_adds_workers_under_sustained_load(stack_factory: Any) -> None:
+    import httpx
+
+    from tests.images import jpeg
+
+    stack = stack_factory(1, "--autoscale", "1:3", env={"IMGPIPE_WORKER_DELAY_MS": "250"},
+                          test_hooks=True)
+    files = [("image", (f"{i}.jpg", jpeg(320, 240, seed=i), "image/jpeg")) for i in range(16)]
+    for _ in range(4):  # 64 outputs at ~4 per second per worker: a queue that lasts
+        resp = httpx.post(f"{stack.url}/api/process/", files=files,
+                          data={"ops": ["resize:w=100"]}, timeout=60)
+        assert resp.status_code == 202, resp.text
+    wait_for(lambda: len(stack.workers()) >= 2, 90, interval=0.5,
+             what="the autoscaler adding a worker")
