@@ -20,7 +20,6 @@ bad JSON, a wrong version, an unknown kind, a missing or mistyped field.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import typing
 from collections.abc import Sequence
@@ -286,18 +285,23 @@ def decode_topic(frames: Sequence[Any]) -> Message:
     return msg
 
 
-@functools.cache
+_SCHEMAS: dict[type[Message], tuple[tuple[str, Any, bool], ...]] = {}
+
+
 def _schema(cls: type[Message]) -> tuple[tuple[str, Any, bool], ...]:
     """(name, base type, required) of each header field; computed once per class.
 
     ``typing.get_type_hints`` parses the string annotations again on every call, which
     cost more than the rest of ``decode`` together: it runs once per class here.
     """
-    hints = typing.get_type_hints(cls)
-    return tuple(
-        (f.name, typing.get_origin(hints[f.name]) or hints[f.name],
-         f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-        for f in dataclasses.fields(cls) if not f.metadata.get("wire"))
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        hints = typing.get_type_hints(cls)
+        schema = _SCHEMAS[cls] = tuple(
+            (f.name, typing.get_origin(hints[f.name]) or hints[f.name],
+             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(cls) if not f.metadata.get("wire"))
+    return schema
 
 
 def _buffer(frame: Any) -> Any:

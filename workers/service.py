@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 # busy to read while its peers sit idle (ZeroMQ's high-water marks count only the
 # messages ZeroMQ itself queues). With the ventilator's small SNDBUF, what waits at
 # a busy worker is about one task.
-TASK_OPTIONS = {zmq.IMMEDIATE: 1, zmq.RCVBUF: 8 * 1024}
+TASK_OPTIONS: dict[int, int] = {zmq.IMMEDIATE: 1, zmq.RCVBUF: 8 * 1024}
 
 DRAIN_S = 5.0
 POLL_MS = 200
