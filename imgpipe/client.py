@@ -116,7 +116,7 @@ def main(argv: Sequence[str]) -> int:
               f"{p['total']} total)")
         for o in job["outputs"]:
             note = o.get("error") or f"{o.get('width')}x{o.get('height')} {o.get('content_type')}"
-            print(f"  [{o['n']}] {ns.files[o['image']].name} | {o['ops']}: {o['state']} {note}")
+            print(f"  [{o['n']}] {ns.files[o['image']].name} | {o['ops']} -> {o['state']} {note}")
         for path in saved:
             print(f"  saved {path}")
     return 0 if job["state"] in ("done", "queued", "running") else 1
