@@ -1,6 +1,7 @@
 """``POST /api/process/`` bodies: stream, bound and validate a multipart upload.
 
-The body is never held in memory: each ``image`` part is copied in 64 KiB chunks to
+The body is never held in memory whole: each ``image`` part is copied in 1 MiB chunks
+(smaller reads made gunicorn's reader copy its read-ahead again and again) to
 a temp file under ``store.tmp_dir()`` (same filesystem as the originals, so adopting
 it is a rename). Limits apply in the order that makes a bad request cheapest:
 
