@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System packages the test suite needs: Debian's Chromium for the dashboard test.
 set -euo pipefail
-if command -v chromium >/dev/null 2>&1; then
+if command -v chromium >/dev/null 2>&1 || [ -x "${CHROMIUM_PATH:-}" ]; then
   exit 0
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

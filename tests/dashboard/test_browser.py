@@ -27,7 +27,8 @@ from tests.support import settings_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOT = ROOT / "artifacts" / "dashboard.png"
-CHROMIUM = "/usr/bin/chromium"
+# Debian's package; elsewhere any Chromium-family browser named by CHROMIUM_PATH.
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -67,7 +68,7 @@ JOB_CHART = """() => {
 
 
 def need_chromium() -> None:
-    if os.path.exists(CHROMIUM) or shutil.which("chromium"):
+    if os.path.exists(CHROMIUM):
         return
     if os.environ.get("CI"):
         pytest.fail("chromium is missing on CI: .ci/system-deps.sh should have installed it")
