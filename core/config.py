@@ -180,7 +180,7 @@ class Settings:
         """The URL a stable node binds for ``endpoint``: same port, on ``bind_host``."""
         if not endpoint.startswith("tcp://"):
             return endpoint
-        host = "*" if self.bind_host in ("0.0.0.0", "*") else self.bind_host
+        host = "*" if self.bind_host in WILDCARDS else self.bind_host
         return f"tcp://{host}:{_port(endpoint)}"
 
     @property
@@ -197,10 +197,6 @@ class Settings:
         """
         return bool(self.curve_server_public_file
                     and (self.curve_server_secret_file or self.curve_client_secret_file))
-
-    @property
-    def db_path(self) -> Path:
-        return self.data_dir / "jobs.sqlite3"
 
     @property
     def liveness_s(self) -> float:
@@ -224,6 +220,14 @@ class Settings:
 
 # Variables with the prefix that are not settings (read by other tools).
 _NOT_SETTINGS = {"url"}
+
+
+WILDCARDS = ("0.0.0.0", "*", "", "::")
+
+
+def reachable_host(host: str) -> str:
+    """The address a local client uses for a server bound on ``host`` (a wildcard -> loopback)."""
+    return "127.0.0.1" if host in WILDCARDS else host
 
 
 def parse_range(text: str) -> tuple[int, int] | None:

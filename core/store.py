@@ -37,8 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ImgpipeError
+from core.protocol import STAGES
 
-FINAL = ("done", "failed")
+FINAL = ("done", "failed")  # final output states
+FINAL_JOB = ("done", "failed", "partial")  # final job states
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 _EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp"}
 
@@ -309,8 +311,7 @@ class Store:
         return self._finish(tid, "done", now=now, worker=worker, attempts=attempt,
                             width=width, height=height, bytes=nbytes,
                             content_type=content_type, format=fmt, error=None,
-                            **{f"t_{k}": v for k, v in timings.items()
-                               if k in ("queue", "decode", "filters", "encode", "total")})
+                            **_timing_fields(timings))
 
     def fail(self, tid: str, error: str, *, worker: str | None = None,
              attempt: int | None = None, timings: dict[str, float] | None = None,
@@ -321,9 +322,7 @@ class Store:
             fields["worker"] = worker
         if attempt is not None:
             fields["attempts"] = attempt
-        for k, v in (timings or {}).items():
-            if k in ("queue", "decode", "filters", "encode", "total"):
-                fields[f"t_{k}"] = v
+        fields.update(_timing_fields(timings or {}))
         return self._finish(tid, "failed", now=now, **fields)
 
     def _finish(self, tid: str, state: str, *, now: float | None, **fields: Any) -> str | None:
@@ -388,6 +387,11 @@ def _job_state(total: int, done: int, failed: int) -> str:
     return "failed" if done == 0 else "partial"
 
 
+def _timing_fields(timings: dict[str, float]) -> dict[str, float]:
+    """``t_<stage>`` columns for the known stages of ``timings`` (others are ignored)."""
+    return {f"t_{k}": v for k, v in timings.items() if k in STAGES}
+
+
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -401,7 +405,7 @@ def _output_doc(o: sqlite3.Row) -> dict[str, Any]:
         "url": f"/api/jobs/{o['job_id']}/outputs/{o['n']}",
         "width": o["width"], "height": o["height"], "bytes": o["bytes"],
         "content_type": o["content_type"], "worker": o["worker"], "attempts": o["attempts"],
-        "timings_ms": {k: o[f"t_{k}"] for k in ("queue", "decode", "filters", "encode", "total")},
+        "timings_ms": {k: o[f"t_{k}"] for k in STAGES},
         "error": o["error"],
     }
 

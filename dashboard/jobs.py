@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from core.store import FINAL_JOB
+
 THUMB_PX = 160
 
 
@@ -37,19 +39,13 @@ def recent_jobs(base_url: str, limit: int = 6, timeout: float = 1.5) -> list[dic
     return [j for j in jobs if isinstance(j, dict)][:limit] if isinstance(jobs, list) else []
 
 
-FINAL = ("done", "failed", "partial")
+FINAL = FINAL_JOB
 
 
 def job_document(base_url: str, job_id: str, timeout: float = 2.0) -> dict[str, Any]:
     """``GET /api/jobs/{id}``: the whole job document, outputs included."""
     url = f"{base_url.rstrip('/')}/api/jobs/{job_id}"
-    try:
-        resp = httpx.get(url, timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise GatewayUnavailable(f"{url}: {type(exc).__name__}") from None
-    if resp.status_code != 200:
-        raise GatewayUnavailable(f"GET {url} answered {resp.status_code}")
-    doc = resp.json()
+    doc = _get(url, timeout).json()
     if not isinstance(doc, dict):
         raise GatewayUnavailable(f"GET {url} did not answer a job document")
     return doc
@@ -62,13 +58,18 @@ def output_url(base_url: str, job: dict[str, Any], output: dict[str, Any]) -> st
 
 def fetch_thumbnail(url: str, size: int = THUMB_PX, timeout: float = 3.0) -> bytes:
     """A JPEG of at most ``size`` px on its longer side; raises GatewayUnavailable."""
+    return thumbnail(_get(url, timeout).content, size)
+
+
+def _get(url: str, timeout: float) -> httpx.Response:
+    """``GET url``, answered 200, or GatewayUnavailable."""
     try:
         resp = httpx.get(url, timeout=timeout)
     except httpx.HTTPError as exc:
         raise GatewayUnavailable(f"{url}: {type(exc).__name__}") from None
     if resp.status_code != 200:
-        raise GatewayUnavailable(f"{url} answered {resp.status_code}")
-    return thumbnail(resp.content, size)
+        raise GatewayUnavailable(f"GET {url} answered {resp.status_code}")
+    return resp
 
 
 def thumbnail(data: bytes, size: int = THUMB_PX) -> bytes:

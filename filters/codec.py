@@ -51,32 +51,19 @@ from PIL import Image as PILImage
 from PIL import ImageFile
 
 from core.errors import ImageError, ImageTooLarge, ImgpipeError
-from filters.formats import (
-    INPUT_FORMATS,
-    OUTPUT_FORMATS,
-    content_type,
-    ext,
-    output_format,
-    sniff,
-)
+from filters.formats import OUTPUT_FORMATS, sniff
 from filters.params import Params, param
 from filters.pixels import Image, as_image, check_image
 from filters.registry import register
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
-    "INPUT_FORMATS",
-    "OUTPUT_FORMATS",
     "EncodeParams",
     "ImageInfo",
     "check_pixels",
-    "content_type",
     "decode",
     "encode",
-    "ext",
-    "output_format",
     "probe",
-    "sniff",
 ]
 
 PILImage.MAX_IMAGE_PIXELS = None  # replaced by check_pixels() with the configured limit

@@ -73,16 +73,12 @@ class ClientTimeout(ConnectionResetError):
     """
 
 
-def _status_line(code: int) -> str:
-    return falcon.code_to_http_status(code)
-
-
 def handle_imgpipe_error(req: falcon.Request, resp: falcon.Response, exc: ImgpipeError,
                          params: dict[str, Any]) -> None:
     status = exc.status if 400 <= exc.status < 600 else 500
     if status == 500:
         log.error("%s %s: %s", req.method, req.path, exc)
-    resp.status = _status_line(status)
+    resp.status = falcon.code_to_http_status(status)
     resp.media = exc.to_dict()
     retry = getattr(exc, "retry_after", None)
     if retry is None and status == 503:

@@ -47,18 +47,12 @@ class ProcessResource:
         self.pipeline.notify(job_id, upload.outputs)
         self.pipeline.stats.accepted()
         resp.set_header("Location", f"/api/jobs/{job_id}")
-        if wait_s > 0 and (final := self.waiter.wait(job_id, wait_s)) is not None:
-            doc = self.store.job(job_id)
-            if final:
-                if len(doc["outputs"]) == 1 and wants_image(req):
-                    serve_output(req, resp, self.store, job_id, 0)
-                    return
-                resp.status = falcon.HTTP_200
-                resp.media = doc
-                return
-        else:
-            doc = self.store.job(job_id)
-        resp.status = falcon.HTTP_202
+        final = wait_s > 0 and self.waiter.wait(job_id, wait_s)
+        doc = self.store.job(job_id)
+        if final and len(doc["outputs"]) == 1 and wants_image(req):
+            serve_output(req, resp, self.store, job_id, 0)
+            return
+        resp.status = falcon.HTTP_200 if final else falcon.HTTP_202
         resp.media = doc
 
     def check_capacity(self, new_outputs: int) -> None:

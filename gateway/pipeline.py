@@ -31,10 +31,11 @@ from core.config import Settings
 from core.errors import ProtocolError
 from core.protocol import TOPIC_DONE, Done, Metric, Notice, decode_topic, encode, encode_topic
 from core.sockets import make_socket
+from core.store import FINAL_JOB
 
 log = logging.getLogger(__name__)
 
-FINAL_JOB_STATES = ("done", "failed", "partial")
+FINAL_JOB_STATES = FINAL_JOB
 RECHECK_S = 1.0      # a waiter re-reads the store this often (events can be missed)
 POLL_MS = 200        # background loops look at their stop flag this often
 

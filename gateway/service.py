@@ -114,8 +114,7 @@ class GatewayApplication(BaseApplication):  # type: ignore[misc]
         super().__init__()
 
     def load_config(self) -> None:
-        s = self.settings
-        for key, value in gunicorn_options(s).items():
+        for key, value in gunicorn_options(self.settings).items():
             self.cfg.set(key, value)
 
     def load(self) -> Any:

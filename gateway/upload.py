@@ -48,6 +48,7 @@ class Readable(Protocol):
 HEAD = 256 * 1024          # bytes kept to probe a header (EXIF/ICC can push SOF far)
 TAIL = 4096                # bytes read back to check an image's end marker
 MAX_OPS_BYTES = 4096       # one chain spec, UTF-8
+END_MARKERS = {"jpeg": b"\xff\xd9", "png": b"IEND", "gif": b"\x3b"}
 DEFAULT_CHAINS = ("resize:w=1920", "blur:radius=3", "brightness:factor=1.2")
 
 
@@ -243,12 +244,11 @@ def _stage(stream: Readable, store: Store, settings: Settings, *, index: int) ->
                 if len(head) < HEAD:
                     head += chunk[:HEAD - len(head)]
                 fh.write(chunk)
-        field_name = "image"
         if size == 0:
-            raise ImageError("the part is empty (0 bytes)", field=field_name)
-        info = _probe(bytes(head), tmp, size, field_name)
+            raise ImageError("the part is empty (0 bytes)", field="image")
+        info = _probe(bytes(head), tmp, size)
         check_pixels(info, settings.max_pixels)
-        _check_end(info.format, tmp, size, field_name)
+        _check_end(info.format, tmp, size)
     except ImageError as exc:
         tmp.unlink(missing_ok=True)
         exc.detail = f"image #{index + 1}: {exc.detail}"
@@ -261,7 +261,7 @@ def _stage(stream: Readable, store: Store, settings: Settings, *, index: int) ->
                        nbytes=size)
 
 
-def _probe(head: bytes, tmp: Path, size: int, field_name: str) -> Any:
+def _probe(head: bytes, tmp: Path, size: int) -> Any:
     try:
         return probe(head)
     except ImageError:
@@ -272,10 +272,9 @@ def _probe(head: bytes, tmp: Path, size: int, field_name: str) -> Any:
     return probe(tmp.read_bytes())
 
 
-def _check_end(fmt: str, tmp: Path, size: int, field_name: str) -> None:
+def _check_end(fmt: str, tmp: Path, size: int) -> None:
     """415 for a JPEG/PNG/GIF without its end marker: it was cut short in transit."""
-    markers = {"jpeg": b"\xff\xd9", "png": b"IEND", "gif": b"\x3b"}
-    marker = markers.get(fmt)
+    marker = END_MARKERS.get(fmt)
     if marker is None:
         return
     with tmp.open("rb") as fh:
@@ -283,5 +282,4 @@ def _check_end(fmt: str, tmp: Path, size: int, field_name: str) -> None:
         tail = fh.read()
     tail = tail.rstrip(b"\x00\r\n ")
     if not (tail.endswith(marker) if fmt == "gif" else marker in tail):
-        raise ImageError(f"truncated {fmt.upper()}: no end-of-image marker",
-                         field=field_name)
+        raise ImageError(f"truncated {fmt.upper()}: no end-of-image marker", field="image")

@@ -21,8 +21,10 @@ from typing import Any
 
 import httpx
 
+from core.store import FINAL_JOB
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-FINAL = ("done", "failed", "partial")
+FINAL = FINAL_JOB
 _EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 
 

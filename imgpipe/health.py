@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from core.config import Settings, add_settings_args, settings_from_args
+from core.config import Settings, add_settings_args, reachable_host, settings_from_args
 from core.control import Unavailable, ask
 from core.errors import ImgpipeError
 
@@ -63,10 +63,7 @@ def local_endpoint(settings: Settings, endpoint: str) -> str:
     """The URL to reach the socket this host binds for ``endpoint`` (same port, bind_host)."""
     if not endpoint.startswith("tcp://"):
         return endpoint
-    host = settings.bind_host
-    if host in ("0.0.0.0", "*", ""):
-        host = "127.0.0.1"
-    return f"tcp://{host}:{urlsplit(endpoint).port}"
+    return f"tcp://{reachable_host(settings.bind_host)}:{urlsplit(endpoint).port}"
 
 
 def listening(endpoint: str, timeout: float) -> str | None:
@@ -99,8 +96,7 @@ def listening(endpoint: str, timeout: float) -> str | None:
 
 def _http_host(settings: Settings) -> str:
     """Where this host's HTTP servers (gateway, dashboard) answer: ``gateway_host``."""
-    host = settings.gateway_host
-    return "127.0.0.1" if host in ("0.0.0.0", "*", "", "::") else host
+    return reachable_host(settings.gateway_host)
 
 
 def _http_get(url: str, timeout: float) -> tuple[int, str]:

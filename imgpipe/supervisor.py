@@ -30,7 +30,13 @@ import httpx
 import zmq
 
 from core.advice import Autoscaler
-from core.config import Settings, add_settings_args, parse_range, settings_from_args
+from core.config import (
+    Settings,
+    add_settings_args,
+    parse_range,
+    reachable_host,
+    settings_from_args,
+)
 from core.control import SUPERVISOR_FILE, Unavailable, ask, supervisor_endpoint
 from core.errors import ImgpipeError
 from core.protocol import Reply, Request, decode, encode
@@ -263,7 +269,7 @@ def main_up(argv: Sequence[str]) -> int:
     ns = parser.parse_args(argv)
     settings = settings_from_args(ns)
     if ns.gateway_port is not None and "IMGPIPE_GATEWAY_URL" not in os.environ:
-        host = "127.0.0.1" if settings.gateway_host in ("0.0.0.0", "*") else settings.gateway_host
+        host = reachable_host(settings.gateway_host)
         settings = settings.with_overrides(gateway_url=f"http://{host}:{settings.gateway_port}")
     configure_logging(settings, "supervisor")
     autoscale = parse_range(settings.autoscale) if settings.autoscale else None

@@ -7,8 +7,10 @@ sleep to let ZeroMQ settle.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,15 +19,10 @@ from typing import Any, TypeVar
 
 import zmq
 
+from bench.stack import free_port as free_port  # re-exported: the tests take it from here
 from core.config import Settings
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def short_dir(prefix: str = "ip-") -> Path:
@@ -51,6 +48,16 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
     env.update(settings.to_env())
     return env
+
+
+def spawn(settings: Settings, command: str, *args: str, log: Path | None,
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``python -m imgpipe <command> *args`` seeing ``settings`` (plus ``env``); its output
+    goes to ``log``, or nowhere when that is None."""
+    with open(log, "wb") if log else contextlib.nullcontext(subprocess.DEVNULL) as out:
+        return subprocess.Popen([sys.executable, "-m", "imgpipe", command, *args],
+                                env={**settings_env(settings), **(env or {})},
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
 def recv(sock: zmq.Socket[Any], timeout: float = 5.0, *, copy: bool = True) -> list[Any]:
@@ -115,19 +122,12 @@ def start_stack(settings: Settings, workers: int, *extra: str,
 
     Fails loudly (with the stack's log) when it does not get there in time.
     """
-    import subprocess
-    import sys
-
     import httpx
 
     log_path = settings.data_dir.parent / "stack.log"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    out = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imgpipe", "up", "--workers", str(workers), "--no-dashboard",
-         *extra], env={**settings_env(settings), **(env or {})}, stdout=out,
-        stderr=subprocess.STDOUT)
-    out.close()
+    proc = spawn(settings, "up", "--workers", str(workers), "--no-dashboard", *extra,
+                 log=log_path, env=env)
     stack = Stack(settings, proc, log_path)
 
     def healthy() -> bool:
@@ -151,7 +151,6 @@ def start_stack(settings: Settings, workers: int, *extra: str,
 def stop_stack(stack: Stack, timeout: float = 30.0) -> int:
     """SIGTERM the supervisor and wait; SIGKILL if it hangs. Returns its exit code."""
     import signal
-    import subprocess
 
     if stack.proc.poll() is None:
         stack.proc.send_signal(signal.SIGTERM)

@@ -23,7 +23,6 @@ class WorkerInfo:
 
     hb: Heartbeat
     seen: float
-    joined: float
     lost_at: float | None = None
 
     @property
@@ -60,22 +59,15 @@ class Registry:
         """
         self.components["worker"] = now
         old = self.workers.get(hb.worker)
-        restarted = False
-        event: str | None = None
-        if old is None:
-            event = "worker_joined"
-            old = self.workers[hb.worker] = WorkerInfo(hb=hb, seen=now, joined=now)
-        elif old.hb.pid != hb.pid or (old.hb.started and hb.started
-                                       and old.hb.started != hb.started):
-            restarted = True
-            event = "worker_joined"
-            old = self.workers[hb.worker] = WorkerInfo(hb=hb, seen=now, joined=now)
-        elif not old.alive:
-            event = "worker_returned"
-            old.lost_at = None
-        old.hb = hb
-        old.seen = now
-        return event, restarted
+        restarted = old is not None and (
+            old.hb.pid != hb.pid
+            or bool(old.hb.started and hb.started and old.hb.started != hb.started))
+        if old is None or restarted:
+            self.workers[hb.worker] = WorkerInfo(hb=hb, seen=now)
+            return "worker_joined", restarted
+        event = "worker_returned" if not old.alive else None
+        old.hb, old.seen, old.lost_at = hb, now, None
+        return event, False
 
     def metric(self, msg: Metric, now: float) -> None:
         self.components[msg.role] = now
@@ -94,10 +86,6 @@ class Registry:
 
     def alive(self) -> list[WorkerInfo]:
         return [w for w in self.workers.values() if w.alive]
-
-    def is_alive(self, wid: str | None) -> bool:
-        w = self.workers.get(wid or "")
-        return w is not None and w.alive
 
     def route(self, cls: str) -> str | None:
         """The task socket a task of class ``cls`` goes out on, or None to keep it queued.

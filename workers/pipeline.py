@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,9 +74,7 @@ def process_task(task: Task, pool: FilterPool, buffers: BufferSet, opts: Options
             buffers.release(buf)
     except (ImageError, FilterError, FilterFailed) as exc:
         result.error = _message(exc)
-    except DeadlineExceeded as exc:
-        result.error, result.retry = str(exc), True
-    except ProcessDied as exc:
+    except (DeadlineExceeded, ProcessDied) as exc:
         result.error, result.retry = str(exc), True
     except PoolError as exc:
         result.error, result.retry = f"filter pool unavailable: {exc}", True
@@ -125,7 +122,7 @@ def decode_into(data: Any, chain: Any, buf: Buffer, max_pixels: int
     input and for every step's output size. The buffer is sized for the larger of the
     frame and the chain's output, so the filter process rarely has to ask for more.
     """
-    info = probe(data)
+    info = probe(data, max_pixels=max_pixels)
     check_pixels(info, max_pixels)
     factor = chain.reduce_factor(info.width, info.height)
     img = decode(data, max_pixels=max_pixels, reduce=factor)
@@ -153,15 +150,3 @@ def _message(exc: BaseException) -> str:
         return f"bad ops: {getattr(exc, 'detail', exc)}"
     return str(exc)
 
-
-class Gate:
-    """A counting gate for the CPU-heavy stages (decode, encode): ``worker_threads`` wide."""
-
-    def __init__(self, width: int) -> None:
-        self._sem = threading.BoundedSemaphore(width)
-
-    def __enter__(self) -> None:
-        self._sem.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self._sem.release()

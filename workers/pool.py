@@ -107,8 +107,9 @@ class FilterPool:
             sent = len(request)
             member.conn.send_bytes(request)
             while True:
-                reply = self._await(member, deadline, ops)
-                sent += len(json.dumps(reply))
+                raw = self._await(member, deadline, ops)
+                sent += len(raw)
+                reply = json.loads(raw)
                 if "need" not in reply:
                     break
                 if grow is None:
@@ -129,12 +130,13 @@ class FilterPool:
         finally:
             self._checkin(member, keep)
 
-    def _await(self, member: _Member, deadline: float, ops: str) -> dict[str, Any]:
+    def _await(self, member: _Member, deadline: float, ops: str) -> bytes:
+        """The member's next reply, as sent; raises when it dies or runs past ``deadline``."""
         timeout = None if not deadline else max(0.0, deadline - time.time())
         ready = wait([member.conn, member.proc.sentinel], timeout)
         if member.conn in ready:
             try:
-                return dict(json.loads(member.conn.recv_bytes()))
+                return member.conn.recv_bytes()
             except (EOFError, OSError):
                 pass
         elif not ready:

@@ -41,7 +41,7 @@ from core.runtime import serve
 from core.sockets import make_socket
 from workers.child import tune_malloc
 from workers.monitor import Monitor, Stats, worker_id
-from workers.pipeline import Gate, Options, process_task
+from workers.pipeline import Options, process_task
 from workers.pool import FilterPool
 from workers.shm import BufferSet
 
@@ -135,7 +135,7 @@ class TaskLoop:
         self.opts = Options(worker=stats.worker, max_pixels=settings.max_pixels,
                             max_filters=settings.max_filters,
                             delay_ms=settings.worker_delay_ms if settings.test_hooks else 0,
-                            gate=Gate(settings.worker_threads))
+                            gate=threading.BoundedSemaphore(settings.worker_threads))
         self.active: dict[int, Task] = {}  # serial -> task taken, result not yet sent
         self.finished: queue.SimpleQueue[tuple[int, Result]] = queue.SimpleQueue()
         self.outbox: deque[tuple[int, Result]] = deque()
@@ -246,11 +246,11 @@ class TaskLoop:
             elif not result.ok:
                 self.monitor.event("task_failed", result.error, result.task_id)
 
-    def _flush(self) -> None:
+    def _flush(self, flags: int = zmq.NOBLOCK) -> None:
         while self.outbox:
             serial, result = self.outbox[0]
             try:
-                self.results.send_multipart(encode(result), zmq.NOBLOCK, copy=False)
+                self.results.send_multipart(encode(result), flags, copy=False)
             except zmq.Again:
                 return
             self.outbox.popleft()
@@ -297,14 +297,7 @@ class TaskLoop:
         self._flush()
         if self.outbox:  # the sink is slow or away: wait a little, not forever
             self.results.sndtimeo = 1000
-            while self.outbox:
-                try:
-                    self.results.send_multipart(encode(self.outbox[0][1]), copy=False)
-                except zmq.Again:
-                    break
-                serial, result = self.outbox.popleft()
-                self.active.pop(serial, None)
-                self.stats.finish(result)
+            self._flush(0)
 
 
 def bounce(task: Task, worker: str, why: str) -> Result:

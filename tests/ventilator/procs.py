@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from core.control import ask
 from core.protocol import decode_topic
 from core.store import Store, new_job_id
 from filters import parse_chain
-from tests.support import settings_env, wait_for
+from tests.support import spawn, wait_for
 
 
 class Procs:
@@ -41,10 +40,7 @@ class Procs:
         assert name not in self.procs, f"{name} is already running"
         self.count += 1
         path = self.logs / f"{self.count:02d}-{name}.log"
-        with open(path, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "imgpipe", command, *args],
-                                    env={**settings_env(self.settings), **env},
-                                    stdout=out, stderr=subprocess.STDOUT)
+        proc = spawn(self.settings, command, *args, log=path, env=env)
         self.procs[name] = proc
         self.all.append(proc)
         return proc

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +23,7 @@ from core.protocol import (
     encode,
 )
 from core.sockets import make_socket
-from tests.support import recv, settings_env
+from tests.support import recv, spawn
 
 
 class Rig:
@@ -42,12 +40,7 @@ class Rig:
         self.bus = make_socket(ctx, zmq.SUB, settings, bind=settings.bus_endpoint,
                                subscribe=(b"",))
         self.seen: list[Message] = []
-        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "imgpipe", "worker", *args],
-                                     env=settings_env(settings), stdout=out,
-                                     stderr=subprocess.STDOUT)
-        if log:
-            out.close()  # type: ignore[union-attr]
+        self.proc = spawn(settings, "worker", *args, log=log)
         self.log = log
 
     # --- bus -----------------------------------------------------------------------------
