@@ -2,7 +2,7 @@
 
 Threads and processes of one worker::
 
-    main thread     PULL light/heavy tasks, PUSH results, PUB claims (owns these sockets)
+    main thread     PULL light/heavy tasks, PUSH results, XPUB claims (owns these sockets)
     slot threads    one per slot (worker_slots): process_task(), decode and encode
                     under a gate worker_threads wide (OpenCV/Pillow release the GIL)
     filter pool     worker_processes processes; pixels arrive through shared memory
@@ -36,7 +36,7 @@ import zmq
 
 from core.config import Settings, add_settings_args, settings_from_args
 from core.errors import ProtocolError
-from core.protocol import Claim, Result, Task, decode, encode, encode_topic
+from core.protocol import TOPIC_CLAIM, Claim, Result, Task, decode, encode, encode_topic
 from core.runtime import serve
 from core.sockets import make_socket
 from workers.child import tune_malloc
@@ -56,6 +56,12 @@ TASK_OPTIONS: dict[int, int] = {zmq.IMMEDIATE: 1, zmq.RCVBUF: 8 * 1024}
 
 DRAIN_S = 5.0
 POLL_MS = 200
+# How long a starting worker waits for a bus subscriber's subscription to reach its
+# claims socket before it takes tasks. A PUB drops what it sends before that, so
+# without the wait the first claims after a start are lost (the ventilator would then
+# learn the owner only from the next heartbeat). Bounded: with no ventilator there are
+# no tasks to claim either.
+SUBSCRIBER_WAIT_S = 2.0
 # OpenCV threads inside each filter process; see docs/worker.md for the measurements.
 POOL_CV2_THREADS = 1
 
@@ -159,8 +165,10 @@ class TaskLoop:
             self.results = make_socket(self.ctx, zmq.PUSH, s, connect=s.result_endpoint,
                                        sndhwm=max(4, 2 * s.worker_slots))
             socks.append(self.results)
-            self.claims = make_socket(self.ctx, zmq.PUB, s, connect=s.bus_endpoints)
+            # XPUB, so the worker sees subscriptions arrive (see SUBSCRIBER_WAIT_S).
+            self.claims = make_socket(self.ctx, zmq.XPUB, s, connect=s.bus_endpoints)
             socks.append(self.claims)
+            self._await_subscriber(stop)
             self._serve(stop)
             self._drain()
         finally:
@@ -173,9 +181,30 @@ class TaskLoop:
             self._wake_w.close()
 
     # --- the loop ----------------------------------------------------------------------
+    def _await_subscriber(self, stop: threading.Event) -> None:
+        """Wait, at most SUBSCRIBER_WAIT_S, for a subscription that covers claims."""
+        end = time.monotonic() + SUBSCRIBER_WAIT_S
+        while not stop.is_set() and time.monotonic() < end:
+            if self.claims.poll(50, zmq.POLLIN) and self._read_subscriptions():
+                return
+        log.info("no claim subscriber after %.0f s; claims go out once one connects",
+                 SUBSCRIBER_WAIT_S)
+
+    def _read_subscriptions(self) -> bool:
+        """Read what the claims XPUB received (subscribe/unsubscribe frames), which keeps
+        its inbound queue from growing as subscribers come and go. True when one of them
+        subscribes to claims."""
+        claimed = False
+        with contextlib.suppress(zmq.Again):
+            while True:
+                frame = self.claims.recv(zmq.NOBLOCK)
+                claimed |= frame[:1] == b"\x01" and TOPIC_CLAIM.startswith(frame[1:])
+        return claimed
+
     def _serve(self, stop: threading.Event) -> None:
         poller = zmq.Poller()
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        poller.register(self.claims, zmq.POLLIN)
         reading = False
         while not stop.is_set():
             if (self.free > 0) != reading:
@@ -184,6 +213,8 @@ class TaskLoop:
                     poller.modify(sock, zmq.POLLIN if reading else 0)
             poller.modify(self.results, zmq.POLLOUT if self.outbox else 0)
             events = dict(poller.poll(POLL_MS))
+            if events.get(self.claims, 0) & zmq.POLLIN:
+                self._read_subscriptions()
             self._collect()
             self._flush()
             ready = [sock for sock in self.tasks if events.get(sock, 0) & zmq.POLLIN]

@@ -23,12 +23,17 @@ from core.protocol import (
     encode,
 )
 from core.sockets import make_socket
-from tests.support import recv, spawn
+from tests.support import spawn
 
 
 class Rig:
     """Binds the sockets a worker connects to (task PUSH per class, result PULL, bus SUB)
-    and starts the worker; :meth:`close` stops everything."""
+    and starts the worker; :meth:`close` stops everything.
+
+    Like the ventilator, the rig keeps reading its bus while it waits for anything else:
+    a SUB socket sends its subscriptions to a new publisher only when its owner touches
+    it, and a worker's claims publisher waits for that subscription.
+    """
 
     def __init__(self, settings: Settings, ctx: zmq.Context[Any], *args: str,
                  log: Path | None = None) -> None:
@@ -60,6 +65,20 @@ class Rig:
                     return msg
         raise AssertionError(f"no {what} within {timeout} s{self._tail()}")
 
+    def _wait(self, sock: zmq.Socket[Any], event: int, timeout: float) -> bool:
+        """Wait for ``event`` on ``sock`` while reading the bus into :attr:`seen`."""
+        poller = zmq.Poller()
+        poller.register(sock, event)
+        poller.register(self.bus, zmq.POLLIN)
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            ready = dict(poller.poll(min(200, int(left * 1000) + 1)))
+            if ready.get(self.bus):
+                self.seen.append(decode_topic(self.bus.recv_multipart()))
+            if ready.get(sock, 0) & event:
+                return True
+        return False
+
     def heartbeat(self, after: int = 0, timeout: float = 20.0) -> Heartbeat:
         hb = self.wait_bus(lambda m: isinstance(m, Heartbeat) and m.seq > after, timeout,
                            f"heartbeat after seq {after}")
@@ -76,16 +95,15 @@ class Rig:
 
     # --- tasks ---------------------------------------------------------------------------
     def send(self, task: Task, cls: str = "light") -> None:
-        if not self.push[cls].poll(20_000, zmq.POLLOUT):
+        if not self._wait(self.push[cls], zmq.POLLOUT, 20.0):
             raise AssertionError(f"the worker did not take a {cls} task{self._tail()}")
         self.push[cls].send_multipart(encode(task), copy=False)
 
     def result(self, timeout: float = 30.0) -> Result:
-        try:
-            msg = decode(recv(self.results, timeout, copy=False), expect=Result)
-        except AssertionError as exc:
-            code = self.proc.poll()
-            raise AssertionError(f"{exc} (worker exit code {code}){self._tail()}") from None
+        if not self._wait(self.results, zmq.POLLIN, timeout):
+            raise AssertionError(f"no result within {timeout} s (worker exit code "
+                                 f"{self.proc.poll()}){self._tail()}")
+        msg = decode(self.results.recv_multipart(copy=False), expect=Result)
         assert isinstance(msg, Result)
         return msg
 
