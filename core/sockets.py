@@ -22,6 +22,13 @@ from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# Kernel buffer (SO_SNDBUF at the ventilator, SO_RCVBUF at a worker) of the tcp://
+# task sockets. Left to autotuning, the kernel parks megabytes of tasks at a worker
+# too busy to read them while its peers idle (ZeroMQ's high-water marks count only
+# ZeroMQ's own queues). 64 KiB still holds less than one 4K task, and moves one in
+# 1 ms of CPU where 8 KiB took 6 ms (docs/pipeline.md has both measurements).
+TASK_BUFFER_BYTES = 64 * 1024
+
 _RECEIVES = {zmq.PULL, zmq.SUB, zmq.ROUTER, zmq.DEALER, zmq.REP, zmq.REQ, zmq.PAIR}
 
 

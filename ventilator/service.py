@@ -52,7 +52,7 @@ from core.protocol import (
     encode_topic,
 )
 from core.runtime import serve
-from core.sockets import make_socket, start_authenticator
+from core.sockets import TASK_BUFFER_BYTES, make_socket, start_authenticator
 from core.store import Store
 from ventilator.dispatcher import Action, Dispatcher, Fail
 from ventilator.registry import CLASSES
@@ -63,10 +63,9 @@ SCAN_LIMIT = 10_000   # open outputs read per rescan (queue_limit is far below)
 TICK_S = 0.1          # lease and liveness checks, seconds
 DRAIN = 500           # messages read from one socket per loop turn, so none starves
 BURST = 32            # tasks sent per socket per loop turn
-# Kernel send buffer of the task sockets, bytes: what may sit in the kernel for one
-# worker beyond the one-message high-water mark. Small, so a busy worker is not
-# pre-assigned a batch of small tasks (measured in docs/pipeline.md).
-TASK_OPTIONS = {zmq.SNDBUF: 8 * 1024}
+# Kernel send buffer of the task sockets: what may sit in the kernel for one worker
+# beyond the one-message high-water mark (see core.sockets.TASK_BUFFER_BYTES).
+TASK_OPTIONS = {zmq.SNDBUF: TASK_BUFFER_BYTES}
 
 
 class Ventilator:

@@ -38,7 +38,7 @@ from core.config import Settings, add_settings_args, settings_from_args
 from core.errors import ProtocolError
 from core.protocol import TOPIC_CLAIM, Claim, Result, Task, decode, encode, encode_topic
 from core.runtime import serve
-from core.sockets import make_socket
+from core.sockets import TASK_BUFFER_BYTES, make_socket
 from workers.child import tune_malloc
 from workers.monitor import Monitor, Stats, worker_id
 from workers.pipeline import Options, process_task
@@ -47,12 +47,10 @@ from workers.shm import BufferSet
 
 log = logging.getLogger(__name__)
 
-# A small kernel receive buffer on the task sockets: over TCP the kernel would
+# A bounded kernel receive buffer on the task sockets: over TCP the kernel would
 # otherwise grow it to megabytes and hold several 1 MB tasks that this worker is too
-# busy to read while its peers sit idle (ZeroMQ's high-water marks count only the
-# messages ZeroMQ itself queues). With the ventilator's small SNDBUF, what waits at
-# a busy worker is about one task.
-TASK_OPTIONS: dict[int, int] = {zmq.IMMEDIATE: 1, zmq.RCVBUF: 8 * 1024}
+# busy to read while its peers sit idle (see core.sockets.TASK_BUFFER_BYTES).
+TASK_OPTIONS: dict[int, int] = {zmq.IMMEDIATE: 1, zmq.RCVBUF: TASK_BUFFER_BYTES}
 
 DRAIN_S = 5.0
 POLL_MS = 200
