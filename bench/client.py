@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from core.store import FINAL_JOB
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-FINAL = ("done", "failed", "partial")
 
 
 def default_url() -> str:
@@ -81,7 +82,7 @@ def wait_output(client: httpx.Client, url: str, job_id: str, timeout: float,
                 n: int = 0, interval: float = 0.05) -> httpx.Response:
     """Poll the job until final, then GET output ``n``; TimeoutError after ``timeout`` s."""
     deadline = time.monotonic() + timeout
-    while job(client, url, job_id)["state"] not in FINAL:
+    while job(client, url, job_id)["state"] not in FINAL_JOB:
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} not final within {timeout:g} s")
         time.sleep(interval)

@@ -21,6 +21,7 @@ import httpx
 
 from bench import client as api
 from bench.measure import percentiles
+from core.store import FINAL_JOB
 
 POLL_S = 0.2
 
@@ -88,7 +89,7 @@ def follow(http: httpx.Client, url: str, subs: list[Submission], deadline: float
                     sub.error = f"polling: {type(exc).__name__}: {exc}"
                 time.sleep(POLL_S)
                 continue
-            if doc.get("state") in api.FINAL:
+            if doc.get("state") in FINAL_JOB:
                 created, finished = _ts(doc.get("created")), _ts(doc.get("finished"))
                 with lock:
                     sub.final = doc

@@ -29,8 +29,6 @@ def _role(p: psutil.Process) -> str | None:
         if part == "imgpipe" or part.endswith("/imgpipe"):
             nxt = cmd[i + 1]
             return nxt if nxt in ROLES else None
-    if cmd and (cmd[0].endswith("/imgpipe") or cmd[0] == "imgpipe") and len(cmd) > 1:
-        return cmd[1] if cmd[1] in ROLES else None
     return None
 
 

@@ -22,7 +22,6 @@ from typing import Any
 
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-MAX_PIXELS = 50_000_000
 DEFAULT_OPS = "resize:w=1920,h=1080|blur:radius=2|brightness:factor=1.1|encode:format=jpeg,quality=85"
 
 # --- imgpipe's path ---------------------------------------------------------------
@@ -47,7 +46,7 @@ def imgpipe_one(data: bytes, spec: str) -> bytes:
     chain = _chain(spec)
     info = codec.probe(data)
     reduce = chain.reduce_factor(info.width, info.height)
-    img = codec.decode(data, max_pixels=MAX_PIXELS, reduce=reduce)
+    img = codec.decode(data, reduce=reduce)
     out = apply_chain(img, chain)
     return _encode(out, chain, info.format)
 
@@ -71,7 +70,7 @@ def stage_times(data: bytes, spec: str) -> dict[str, float]:
     reduce = chain.reduce_factor(info.width, info.height)
     out["probe"] = (time.perf_counter() - t) * 1000
     t = time.perf_counter()
-    img = codec.decode(data, max_pixels=MAX_PIXELS, reduce=reduce)
+    img = codec.decode(data, reduce=reduce)
     out[f"decode(reduce={reduce})"] = (time.perf_counter() - t) * 1000
     for i, part in enumerate(spec.split("|")):
         if part.strip().startswith("encode"):

@@ -49,7 +49,6 @@ def ask(ctx: zmq.Context[Any], settings: Settings, op: str, args: dict[str, Any]
             raise Unavailable(f"{endpoint or 'the ventilator'} did not answer {op!r}"
                               f" within {timeout} s")
         reply = decode(sock.recv_multipart(), expect=Reply)
-        assert isinstance(reply, Reply)
         if not reply.ok:
             raise ImgpipeError(f"ventilator refused {op!r}: {reply.error}")
         return reply.data

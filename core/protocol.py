@@ -37,6 +37,7 @@ TOPIC_EVENT = b"event"
 TOPIC_DONE = b"done"
 
 STAGES = ("queue", "decode", "filters", "encode", "total")
+WORK_STAGES = STAGES[:-1]  # the parts of a task's time; "total" is their span
 
 
 def _payload() -> Any:
@@ -207,6 +208,8 @@ class Reply(Message):
     error: str = ""
 
 
+M = typing.TypeVar("M", bound=Message)
+
 KINDS: dict[str, type[Message]] = {
     cls.kind: cls
     for cls in (Notice, Task, Result, Heartbeat, Claim, Metric, Event, Done, Request, Reply)
@@ -223,9 +226,8 @@ _BASE = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (li
 def encode(msg: Message) -> list[Any]:
     """Frames for ``msg``: ``[header]`` or ``[header, payload]``."""
     header: dict[str, Any] = {"v": VERSION, "kind": msg.kind}
-    for f in dataclasses.fields(msg):
-        if not f.metadata.get("wire"):
-            header[f.name] = getattr(msg, f.name)
+    for name, _, _ in _schema(type(msg)):
+        header[name] = getattr(msg, name)
     frames: list[Any] = [json.dumps(header, separators=(",", ":")).encode()]
     if msg.has_payload:
         frames.append(msg.payload)  # type: ignore[attr-defined]
@@ -238,6 +240,12 @@ def encode_topic(msg: Message) -> list[Any]:
     if topic is None:
         raise ProtocolError(f"{msg.kind} messages are not published on the bus")
     return [topic, *encode(msg)]
+
+
+@typing.overload
+def decode(frames: Sequence[Any], expect: type[M]) -> M: ...
+@typing.overload
+def decode(frames: Sequence[Any], expect: None = None) -> Message: ...
 
 
 def decode(frames: Sequence[Any], expect: type[Message] | None = None) -> Message:
@@ -289,7 +297,7 @@ _SCHEMAS: dict[type[Message], tuple[tuple[str, Any, bool], ...]] = {}
 
 
 def _schema(cls: type[Message]) -> tuple[tuple[str, Any, bool], ...]:
-    """(name, base type, required) of each header field; computed once per class.
+    """(name, base type, required) of each header field, in field order; once per class.
 
     ``typing.get_type_hints`` parses the string annotations again on every call, which
     cost more than the rest of ``decode`` together: it runs once per class here.

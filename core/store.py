@@ -41,6 +41,7 @@ from core.protocol import STAGES
 
 FINAL = ("done", "failed")  # final output states
 FINAL_JOB = ("done", "failed", "partial")  # final job states
+_PARTIAL = ".tmp-"  # name prefix of a file being written in place (see _atomic_write)
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 _EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp"}
 
@@ -196,6 +197,15 @@ class Store:
         os.replace(tmp, path)
         return path
 
+    def remove_partial_outputs(self) -> int:
+        """Output files a killed writer left half-written (call from their only writer,
+        the sink, before it starts); how many were removed."""
+        count = 0
+        for path in (self.root / "outputs").glob(f"*/{_PARTIAL}*"):
+            path.unlink(missing_ok=True)
+            count += 1
+        return count
+
     def tmp_dir(self) -> Path:
         """Scratch space on the data dir's filesystem (so renames into place are atomic)."""
         path = self.root / "tmp"
@@ -280,11 +290,13 @@ class Store:
                    limit: int = 10_000) -> list[OpenTask]:
         """Outputs not yet final, oldest first (start-up recovery and periodic rescans)."""
         marks = ",".join("?" * len(states))
+        # The literal condition is the partial index's own: with bound values alone
+        # SQLite cannot prove the index covers them and scans every output ever stored.
         rows = self._db().execute(
             f"SELECT task_id, job_id, n, image, ops, cost, state, attempts, queued_at"
-            f" FROM outputs WHERE state IN ({marks}) ORDER BY queued_at, job_id, n LIMIT ?",
-            (*states, limit)).fetchall()
-        return [OpenTask(**dict(r)) for r in rows]
+            f" FROM outputs WHERE state IN ('queued', 'running') AND state IN ({marks})"
+            f" ORDER BY queued_at, job_id, n LIMIT ?", (*states, limit)).fetchall()
+        return [OpenTask(*r) for r in rows]  # columns in field order
 
     def mark_dispatched(self, tid: str, attempt: int, *, now: float | None = None) -> bool:
         """Record dispatch number ``attempt``; False if the output is already final."""
@@ -342,7 +354,7 @@ class Store:
                              (job_id,)).fetchone()
             new = _job_state(job["total"], job["done"], job["failed"])
             db.execute("UPDATE jobs SET state=?, finished=? WHERE id=?",
-                       (new, now if new in ("done", "failed", "partial") else None, job_id))
+                       (new, now if new in FINAL_JOB else None, job_id))
         return new
 
     # --- numbers ---------------------------------------------------------------------------
@@ -358,6 +370,13 @@ class Store:
     def open_count(self) -> int:
         row = self._db().execute(
             "SELECT COUNT(*) FROM outputs WHERE state IN ('queued', 'running')").fetchone()
+        return int(row[0])
+
+    def done_since(self, window_s: float) -> int:
+        """Outputs finished ``done`` in the last ``window_s`` seconds (a count, by index)."""
+        row = self._db().execute(
+            "SELECT COUNT(*) FROM outputs WHERE finished_at >= ? AND state = 'done'",
+            (time.time() - window_s,)).fetchone()
         return int(row[0])
 
     def recent_outputs(self, window_s: float, *, now: float | None = None) -> list[sqlite3.Row]:
@@ -412,7 +431,7 @@ def _output_doc(o: sqlite3.Row) -> dict[str, Any]:
 
 def _atomic_write(path: Path, data: bytes | memoryview) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_PARTIAL)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -18,6 +18,7 @@ from core.advice import MAINTAIN, SCALE_UP, recommend
 from core.config import Settings
 from core.control import ask, supervisor_endpoint
 from core.errors import ImgpipeError
+from core.store import FINAL_JOB
 from dashboard import charts, jobs, views
 from dashboard.collector import Collector
 
@@ -150,7 +151,7 @@ def recent_jobs(settings: Settings) -> None:
     if not found:
         st.caption("No job yet: `imgpipe submit photo.jpg --ops 'resize:w=640' --wait`.")
         return
-    if any(job.get("state") in jobs.FINAL for job in found):
+    if any(job.get("state") in FINAL_JOB for job in found):
         # Plotly here, unlike the live charts: the figure changes only when a job or an
         # output finishes, so the element (keyed by its figure) is not remounted each run.
         st.plotly_chart(views.jobs_timing_figure(found), key="job_timings",
@@ -161,7 +162,7 @@ def recent_jobs(settings: Settings) -> None:
             continue
         try:
             doc = (get_final_job(settings.gateway_url, str(job.get("id")))
-                   if job.get("state") in jobs.FINAL
+                   if job.get("state") in FINAL_JOB
                    else jobs.job_document(settings.gateway_url, str(job.get("id"))))
         except jobs.GatewayUnavailable as exc:
             st.caption(f"outputs unavailable: {exc}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from core.protocol import STAGES
+from core.protocol import WORK_STAGES
 from dashboard.collector import Snapshot
 
 HEIGHT = 280   # px: the whole chart (title, legend, axes and plot)
@@ -153,7 +153,7 @@ def queue_chart(df: pd.DataFrame) -> Chart:
 def stage_chart(snap: Snapshot) -> Chart:
     """Where the time goes: mean ms per stage, one stacked bar per reporting source."""
     title = "Mean time per stage"
-    stages = [s for s in STAGES if s != "total"]
+    stages = list(WORK_STAGES)
     rows = [{"source": src, "stage": stage, "order": i, "ms": float(ms.get(stage) or 0.0)}
             for src, ms in sorted(snap.stages.items()) for i, stage in enumerate(stages)]
     data = pd.DataFrame(rows, columns=["source", "stage", "order", "ms"])

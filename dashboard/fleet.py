@@ -24,7 +24,6 @@ the job store, so they come from the gateway's ``/api/metrics`` (see ``Collector
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from typing import Any
 from core.config import Settings
 from core.errors import ProtocolError
 from core.protocol import (
+    WORK_STAGES,
     Event,
     Heartbeat,
     Message,
@@ -48,7 +48,6 @@ RATE_WINDOW_S = 5.0   # throughput is averaged over this many seconds of done co
 FRESH_S = 5.0         # a metric older than this no longer feeds the live numbers
 POLL_S = 1.0          # the gateway's /api/metrics is read this often (when a URL is set)
 GATEWAY_STAGES = "all outputs (gateway)"
-STAGE_NAMES = ("queue", "decode", "filters", "encode")
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -63,7 +62,7 @@ def _number(value: Any) -> float | None:
 def _stages(values: dict[str, Any]) -> dict[str, float]:
     """Mean ms per stage from a worker's metric values (``decode_ms_mean``, ...)."""
     out = {}
-    for stage in STAGE_NAMES:
+    for stage in WORK_STAGES:
         v = _number(values.get(f"{stage}_ms_mean"))
         if v is not None:
             out[stage] = v
@@ -125,14 +124,12 @@ class Snapshot:
     endpoint: str
     workers: list[dict[str, Any]] = field(default_factory=list)
     series: list[dict[str, Any]] = field(default_factory=list)
-    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     gaps: list[dict[str, Any]] = field(default_factory=list)
     missed: int = 0
     received: int = 0
     bad: int = 0
-    error: str = ""
     gateway: dict[str, Any] | None = None
     gateway_error: str = ""
 
@@ -259,7 +256,8 @@ class FleetState:
                 w["state"] = "lost"
 
     def snapshot(self, now: float | None = None) -> Snapshot:
-        """A deep copy, safe to read while the thread goes on folding messages."""
+        """Copies (or documents never changed in place), safe to read while the thread
+        goes on folding messages."""
         now = time.time() if now is None else now
         with self._lock:
             self._expire(now)
@@ -275,10 +273,11 @@ class FleetState:
                        for w in sorted(self._workers.values(), key=lambda w: w["id"])]
             return Snapshot(now=now, started=self._started, endpoint=self.endpoint,
                             workers=workers, series=list(self._series),
-                            sources=copy.deepcopy(self._sources), stages=stages,
+                            stages=stages,
                             events=list(self._events), gaps=self._seq.rows(),
                             missed=self._seq.missed, received=self._received,
-                            bad=self._bad, error=self.error,
-                            gateway=copy.deepcopy(self._gateway_doc(now)),
+                            bad=self._bad,
+                            # Never mutated: set_gateway_metrics replaces the document.
+                            gateway=gw,
                             gateway_error=self._gateway_error)
 

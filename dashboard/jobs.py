@@ -13,8 +13,6 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from core.store import FINAL_JOB
-
 THUMB_PX = 160
 
 
@@ -39,7 +37,6 @@ def recent_jobs(base_url: str, limit: int = 6, timeout: float = 1.5) -> list[dic
     return [j for j in jobs if isinstance(j, dict)][:limit] if isinstance(jobs, list) else []
 
 
-FINAL = FINAL_JOB
 
 
 def job_document(base_url: str, job_id: str, timeout: float = 2.0) -> dict[str, Any]:

@@ -12,11 +12,11 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
+from core.protocol import WORK_STAGES
 from dashboard.charts import STAGE_COLORS
 from dashboard.collector import Snapshot
 
 TREND_WINDOW_S = 5.0
-JOB_STAGES = ("queue", "decode", "filters", "encode")
 JOB_TIMINGS_TITLE = "Where the time went, per recent job"
 FLEET_COLUMNS = ["id", "host", "pid", "state", "cpu %", "rss MB", "done", "failed",
                  "in flight", "last beat s"]
@@ -106,7 +106,7 @@ def _job_timings(job: dict[str, Any]) -> tuple[int, dict[str, float]] | None:
     if not outs:
         return None
     means = {}
-    for stage in JOB_STAGES:
+    for stage in WORK_STAGES:
         vals = [float(o["timings_ms"][stage]) for o in outs
                 if isinstance(o["timings_ms"].get(stage), int | float)]
         means[stage] = round(sum(vals) / len(vals), 1) if vals else 0.0
@@ -143,7 +143,7 @@ def jobs_timing_figure(jobs: list[dict[str, Any]]) -> go.Figure:
         "legend": {"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom",
                    "traceorder": "normal"},
         "bargap": 0.35, "hovermode": "closest"})
-    for stage in JOB_STAGES:
+    for stage in WORK_STAGES:
         fig.add_trace(go.Bar(
             name=stage, orientation="h", y=labels, x=[m[stage] for _, (_, m) in rows],
             marker={"color": STAGE_COLORS[stage]}, customdata=extra,

@@ -17,9 +17,9 @@ import threading
 import falcon
 
 from core.config import Settings
-from core.store import FINAL, NotFound, Store, check_id, new_job_id
+from core.store import FINAL, FINAL_JOB, NotFound, Store, check_id, new_job_id
 from gateway.errors import BadParam, OutputFailed, QueueFull
-from gateway.pipeline import FINAL_JOB_STATES, Pipeline
+from gateway.pipeline import Pipeline
 from gateway.upload import Upload, check_length, parse_upload
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class ProcessResource:
         full = open_now + new_outputs > limit if new_outputs else open_now >= limit
         if open_now == 0 or not full:
             return
-        rate = sum(r["state"] == "done" for r in self.store.recent_outputs(30.0)) / 30.0
+        rate = self.store.done_since(30.0) / 30.0
         excess = max(1, open_now + new_outputs - limit)
         retry = math.ceil(excess / rate) if rate > 0 else 5
         raise QueueFull(f"the queue is full ({open_now} outputs open, limit {limit}); "
@@ -109,7 +109,7 @@ class Waiter:
             return None
         try:
             return self.pipeline.wait_final(
-                job_id, wait_s, lambda: self.store.job_state(job_id) in FINAL_JOB_STATES)
+                job_id, wait_s, lambda: self.store.job_state(job_id) in FINAL_JOB)
         finally:
             self.slots.release()
 

@@ -23,13 +23,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from core.protocol import WORK_STAGES
 from core.store import Store
 from gateway.pipeline import percentiles
 
 THROUGHPUT_WINDOW_S = 10.0   # outputs finished in this window give throughput_per_s
 LATENCY_WINDOW_S = 60.0      # outputs finished in this window give latency and stages
 TREND_SPAN_S = 15.0          # queue-depth samples this old give queue_trend_per_s
-STAGES = ("queue", "decode", "filters", "encode")
 WORKER_STATES = ("alive", "busy", "idle", "lost")
 
 
@@ -61,7 +61,7 @@ def fleet_metrics(store: Store, vstats: dict[str, Any] | None, *, now: float | N
     recent = [r for r in rows if (r["finished_at"] or 0) >= now - THROUGHPUT_WINDOW_S]
     latency = [(r["finished_at"] - r["queued_at"]) * 1000.0 for r in done]
     stages: dict[str, float | None] = {}
-    for stage in STAGES:
+    for stage in WORK_STAGES:
         vals = [r[f"t_{stage}"] for r in done if r[f"t_{stage}"] is not None]
         stages[stage] = round(sum(vals) / len(vals), 3) if vals else None
     totals = store.totals()

@@ -35,7 +35,6 @@ from core.store import FINAL_JOB
 
 log = logging.getLogger(__name__)
 
-FINAL_JOB_STATES = FINAL_JOB
 RECHECK_S = 1.0      # a waiter re-reads the store this often (events can be missed)
 POLL_MS = 200        # background loops look at their stop flag this often
 
@@ -188,7 +187,7 @@ class Pipeline:
 
     def handle_done(self, msg: Done) -> None:
         """One completion event: wake the waiters of its job when the job is final."""
-        if msg.job_state in FINAL_JOB_STATES:
+        if msg.job_state in FINAL_JOB:
             self.wake(msg.job_id)
 
     def _watch_done(self) -> None:

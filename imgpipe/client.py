@@ -24,7 +24,6 @@ import httpx
 from core.store import FINAL_JOB
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-FINAL = FINAL_JOB
 _EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 
 
@@ -47,7 +46,7 @@ def wait(url: str, job_id: str, *, client: httpx.Client, timeout: float) -> dict
                           params={"wait": f"{max(0.0, min(left, 20.0)):.1f}"})
         _check(resp)
         job = dict(resp.json())
-        if job["state"] in FINAL or left <= 0:
+        if job["state"] in FINAL_JOB or left <= 0:
             return job
 
 

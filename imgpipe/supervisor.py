@@ -220,7 +220,6 @@ class Supervisor:
         envelope, body = frames[:-1], frames[-1:]
         try:
             req = decode(body, expect=Request)
-            assert isinstance(req, Request)
             reply = self.handle(req)
         except ImgpipeError as exc:
             reply = Reply(ok=False, error=exc.detail)

@@ -44,7 +44,7 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
     stop = stop or threading.Event()
     auth = start_authenticator(ctx, settings)
     store = Store(settings.data_dir)
-    removed = remove_orphans(store)
+    removed = store.remove_partial_outputs()
     if removed:
         log.info("removed %d half-written output file(s) of a previous run", removed)
     handler = ResultHandler(store)
@@ -79,7 +79,6 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
                     break
                 try:
                     res = decode(frames, expect=Result)
-                    assert isinstance(res, Result)
                     done = handler.handle(res)
                 except ProtocolError as exc:
                     log.warning("dropped a bad result: %s", exc)
@@ -95,15 +94,6 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
         store.close()
         if auth is not None:
             auth.stop()
-
-
-def remove_orphans(store: Store) -> int:
-    """Temp files a killed sink left in outputs/ (it is their only writer), removed."""
-    count = 0
-    for path in (store.root / "outputs").glob("*/.tmp-*"):
-        path.unlink(missing_ok=True)
-        count += 1
-    return count
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 from core.errors import FilterError, ImageError
 from core.protocol import Result, Task
 from filters import (
+    MAX_FILTERS,
     EncodeParams,
     check_pixels,
     content_type,
@@ -44,7 +45,7 @@ class Options:
 
     worker: str
     max_pixels: int
-    max_filters: int = 12
+    max_filters: int = MAX_FILTERS
     delay_ms: int = 0
     gate: Any = field(default_factory=contextlib.nullcontext)
 

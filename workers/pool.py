@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from filters import DEFAULT_MAX_PIXELS
 from workers import child
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class FilterPool:
 
     # --- running a chain -----------------------------------------------------------------
     def run(self, seg: str, shape: tuple[int, ...], dtype: str, ops: str, *,
-            deadline: float = 0.0, max_pixels: int = 50_000_000,
+            deadline: float = 0.0, max_pixels: int = DEFAULT_MAX_PIXELS,
             grow: Callable[[int], str] | None = None) -> FilterOutput:
         """Run ``ops`` on the frame in segment ``seg``; the result is left in a segment.
 

@@ -236,7 +236,6 @@ class TaskLoop:
                 self.stats.bad_messages += 1
             log.warning("dropped a bad task message: %s", exc)
             return
-        assert isinstance(task, Task)
         self._serial += 1
         serial = self._serial
         self.active[serial] = task
@@ -299,7 +298,6 @@ class TaskLoop:
                     task = decode(frames, expect=Task)
                 except ProtocolError:
                     continue
-                assert isinstance(task, Task)
                 self._serial += 1
                 self.active[self._serial] = task
                 self.outbox.append((self._serial, bounce(task, self.stats.worker,

@@ -34,6 +34,13 @@ class Keys:
     def secret(self, name: str) -> str:
         return str(self.root / f"{name}.key_secret")
 
+    def client(self, folder: Path, name: str, *, trusts: str = "server") -> Settings:
+        """A remote client's settings: its own pair, and the public key of ``trusts``
+        as the server's (docs/deploy.md: no server secret on a worker host)."""
+        return make_settings(folder, curve_server_public_file=self.public(trusts),
+                             curve_server_secret_file=self.secret(name),
+                             curve_client_secret_file=self.secret(name))
+
     def authorize(self, *names: str) -> str:
         folder = self.root / "authorized"
         folder.mkdir(exist_ok=True)
@@ -102,10 +109,7 @@ def test_remote_worker_needs_only_the_server_public_key(zctx: zmq.Context[Any], 
                                                         server: zmq.Socket[Any],
                                                         endpoint: str, tmp_path: Path) -> None:
     """The worker host's settings as docs/deploy.md gives them: no server secret there."""
-    settings = make_settings(tmp_path / "worker",
-                             curve_server_public_file=keys.public("server"),
-                             curve_server_secret_file=keys.secret("worker"),
-                             curve_client_secret_file=keys.secret("worker"))
+    settings = keys.client(tmp_path / "worker", "worker")
     client = push(zctx, settings, endpoint)
     try:
         assert recv(server, 5.0) == [b"header", b"payload"]
@@ -117,10 +121,7 @@ def test_wrong_server_key_delivers_nothing(zctx: zmq.Context[Any], keys: Keys,
                                            server: zmq.Socket[Any], endpoint: str,
                                            tmp_path: Path) -> None:
     """A client that trusts another server key (a man in the middle's) never talks."""
-    settings = make_settings(tmp_path / "worker",
-                             curve_server_public_file=keys.public("impostor"),
-                             curve_server_secret_file=keys.secret("worker"),
-                             curve_client_secret_file=keys.secret("worker"))
+    settings = keys.client(tmp_path / "worker", "worker", trusts="impostor")
     client = push(zctx, settings, endpoint)
     try:
         assert nothing_arrives(server)
@@ -132,18 +133,12 @@ def test_unlisted_client_key_delivers_nothing(zctx: zmq.Context[Any], keys: Keys
                                               server: zmq.Socket[Any], endpoint: str,
                                               tmp_path: Path) -> None:
     """Knowing the server key is not enough when an authorised-keys folder is set."""
-    settings = make_settings(tmp_path / "intruder",
-                             curve_server_public_file=keys.public("server"),
-                             curve_server_secret_file=keys.secret("intruder"),
-                             curve_client_secret_file=keys.secret("intruder"))
+    settings = keys.client(tmp_path / "intruder", "intruder")
     client = push(zctx, settings, endpoint)
     try:
         assert nothing_arrives(server)
         # The listed worker still gets through on the same socket afterwards.
-        worker = make_settings(tmp_path / "worker",
-                               curve_server_public_file=keys.public("server"),
-                               curve_server_secret_file=keys.secret("worker"),
-                               curve_client_secret_file=keys.secret("worker"))
+        worker = keys.client(tmp_path / "worker", "worker")
         ok = push(zctx, worker, endpoint)
         try:
             assert recv(server, 5.0) == [b"header", b"payload"]
@@ -170,10 +165,7 @@ def test_without_authorized_dir_any_client_with_the_server_key_is_admitted(
                              curve_server_secret_file=keys.secret("server"))
     auth = start_authenticator(zctx, settings)
     sock = make_socket(zctx, zmq.PULL, settings, bind=endpoint)
-    intruder = make_settings(tmp_path / "any",
-                             curve_server_public_file=keys.public("server"),
-                             curve_server_secret_file=keys.secret("intruder"),
-                             curve_client_secret_file=keys.secret("intruder"))
+    intruder = keys.client(tmp_path / "any", "intruder")
     client = push(zctx, intruder, endpoint)
     try:
         assert recv(sock, 5.0) == [b"header", b"payload"]

@@ -84,12 +84,10 @@ def test_mismatched_ids_are_refused(tmp_path: Path) -> None:
 
 
 def test_half_written_files_of_a_killed_sink_are_removed_at_start(tmp_path: Path) -> None:
-    from sink.service import remove_orphans
-
     store = Store(tmp_path)
     job = make_job(store)
     kept = store.write_output(job, 0, "png", b"done")
     orphan = kept.parent / ".tmp-abc123"
     orphan.write_bytes(b"half")
-    assert remove_orphans(store) == 1
+    assert store.remove_partial_outputs() == 1
     assert not orphan.exists() and kept.read_bytes() == b"done"
