@@ -44,9 +44,7 @@ def imgpipe_one(data: bytes, spec: str) -> bytes:
     from filters import apply_chain, codec
 
     chain = _chain(spec)
-    info = codec.probe(data)
-    reduce = chain.reduce_factor(info.width, info.height)
-    img = codec.decode(data, reduce=reduce)
+    img, info = codec.decode_reduced(data, chain.reduce_factor)
     out = apply_chain(img, chain)
     return _encode(out, chain, info.format)
 

@@ -12,6 +12,7 @@ from filters.codec import (
     ImageInfo,
     check_pixels,
     decode,
+    decode_reduced,
     encode,
     probe,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "check_pixels",
     "content_type",
     "decode",
+    "decode_reduced",
     "describe_filters",
     "encode",
     "ext",

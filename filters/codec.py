@@ -43,6 +43,7 @@ to 8 bits and CMYK is converted to RGB.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -187,8 +188,21 @@ def decode(
     """
     if reduce not in (1, 2, 4, 8):
         raise ValueError(f"reduce must be 1, 2, 4 or 8, got {reduce}")
+    return decode_reduced(data, lambda _w, _h: reduce, max_pixels=max_pixels)[0]
+
+
+def decode_reduced(
+    data: bytes | memoryview, reduce_for: Callable[[int, int], int], *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[Image, ImageInfo]:
+    """Pixels and header of an accepted image, reading the header once: the pixel limit
+    is checked, then ``reduce_for(width, height)`` (oriented size) picks the reduction
+    :func:`decode` takes as ``reduce``."""
     im, info = _open(data, max_pixels)
     check_pixels(info, max_pixels)
+    reduce = reduce_for(info.width, info.height)
+    if reduce not in (1, 2, 4, 8):
+        raise ValueError(f"reduce must be 1, 2, 4 or 8, got {reduce}")
     # OpenCV ignores a gray PNG's transparent colour key; Pillow applies it.
     if info.format in ("jpeg", "png", "webp") and not (
         im.mode in _GRAY_MODES and "transparency" in im.info
@@ -196,7 +210,7 @@ def decode(
         img = _decode_cv(data, info, reduce if info.format == "jpeg" else 1)
     else:
         img = _decode_pil(im, info)
-    return _orient(img, info.orientation)
+    return _orient(img, info.orientation), info
 
 
 def _decode_cv(data: bytes | memoryview, info: ImageInfo, reduce: int) -> Image:

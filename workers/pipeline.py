@@ -26,13 +26,11 @@ from core.protocol import Result, Task
 from filters import (
     MAX_FILTERS,
     EncodeParams,
-    check_pixels,
     content_type,
-    decode,
+    decode_reduced,
     encode,
     output_format,
     parse_chain,
-    probe,
 )
 from workers.pool import DeadlineExceeded, FilterFailed, FilterPool, PoolError, ProcessDied
 from workers.shm import Buffer, BufferSet
@@ -123,10 +121,7 @@ def decode_into(data: Any, chain: Any, buf: Buffer, max_pixels: int
     input and for every step's output size. The buffer is sized for the larger of the
     frame and the chain's output, so the filter process rarely has to ask for more.
     """
-    info = probe(data, max_pixels=max_pixels)
-    check_pixels(info, max_pixels)
-    factor = chain.reduce_factor(info.width, info.height)
-    img = decode(data, max_pixels=max_pixels, reduce=factor)
+    img, info = decode_reduced(data, chain.reduce_factor, max_pixels=max_pixels)
     height, width = img.shape[:2]
     out_w, out_h = chain.output_size(width, height, max_pixels=max_pixels)
     channels = img.shape[2] if img.ndim == 3 else 1
