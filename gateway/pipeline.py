@@ -71,11 +71,13 @@ class RequestStats:
             self.jobs_accepted += 1
 
     def snapshot(self) -> dict[str, Any]:
-        with self._lock:
+        with self._lock:  # copy only; every request's record() waits on this lock
             lat = list(self._latency_ms)
-            return {"requests": dict(self.by_status), "requests_total": sum(
-                self.by_status.values()), "upload_bytes": self.upload_bytes,
-                "jobs_accepted": self.jobs_accepted, "latency_ms": percentiles(lat)}
+            by_status = dict(self.by_status)
+            upload_bytes, accepted = self.upload_bytes, self.jobs_accepted
+        return {"requests": by_status, "requests_total": sum(by_status.values()),
+                "upload_bytes": upload_bytes, "jobs_accepted": accepted,
+                "latency_ms": percentiles(lat)}
 
 
 class Pipeline:

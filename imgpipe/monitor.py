@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -176,16 +175,25 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def main_metrics(argv: Sequence[str]) -> int:
-    parser = _parser("imgpipe metrics")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON instead")
-    ns = parser.parse_args(list(argv))
+def _first_fetch(prog: str, ns: argparse.Namespace
+                 ) -> tuple[str, list[dict[str, Any]], dict[str, Any]] | None:
+    """The gateway's URL, workers and metrics; None (said on stderr) when unreachable."""
     url = ns.url or default_url()
     try:
         workers, metrics = fetch(url, ns.timeout)
     except Unreachable as exc:
-        print(f"imgpipe metrics: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
+    return url, workers, metrics
+
+
+def main_metrics(argv: Sequence[str]) -> int:
+    parser = _parser("imgpipe metrics")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON instead")
+    ns = parser.parse_args(list(argv))
+    if (first := _first_fetch("imgpipe metrics", ns)) is None:
         return 1
+    url, workers, metrics = first
     if ns.json:
         print(json.dumps({"workers": workers, "metrics": metrics,
                           "recommendation": advice_of(metrics)}, indent=2))
@@ -199,20 +207,17 @@ def main_monitor(argv: Sequence[str], *, console: Console | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="refresh period, seconds")
     parser.add_argument("--count", type=int, default=0, help="stop after N refreshes (0: never)")
     ns = parser.parse_args(list(argv))
-    url = ns.url or default_url()
-    try:
-        workers, metrics = fetch(url, ns.timeout)
-    except Unreachable as exc:
-        print(f"imgpipe monitor: {exc}", file=sys.stderr)
+    if (first := _first_fetch("imgpipe monitor", ns)) is None:
         return 1
+    url, workers, metrics = first
     history: deque[float] = deque(maxlen=60)
     history.append(float(metrics.get("throughput_per_s") or 0))
-    stop = threading.Event()
     shown = 1
     try:
         with Live(render(workers, metrics, url=url, history=history), console=console,
                   refresh_per_second=4, transient=False) as live:
-            while not (ns.count and shown >= ns.count) and not stop.wait(max(ns.interval, 0.1)):
+            while not (ns.count and shown >= ns.count):
+                time.sleep(max(ns.interval, 0.1))
                 error = ""
                 try:
                     workers, metrics = fetch(url, ns.timeout)
