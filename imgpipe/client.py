@@ -1,6 +1,6 @@
 """``imgpipe submit``: upload images over HTTP, wait for the job, save the outputs.
 
-It speaks only the public HTTP API (DESIGN.md), so it works against any gateway:
+It speaks only the public HTTP API (docs/gateway.md), so it works against any gateway:
 ``POST /api/process/`` with one ``image`` part per file and one ``ops`` field per
 chain, then ``GET /api/jobs/{id}`` until the job is final (``?wait`` does the waiting
 server-side, in slices, so a long job never hits a proxy's idle timeout), then
@@ -87,7 +87,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
     parser.add_argument("--ops", action="append", default=[], metavar="SPEC",
                         help="a filter chain, e.g. 'resize:w=1920|blur:radius=2'; repeat "
-                             "for several outputs per image (default: the three of DESIGN.md)")
+                             "for several outputs per image (default: the gateway's three, "
+                             "resize:w=1920, blur:radius=3 and brightness:factor=1.2)")
     parser.add_argument("--wait", action="store_true", help="wait for the job to finish")
     parser.add_argument("-o", "--out", type=Path, help="save the outputs here (implies --wait)")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait, seconds")
