@@ -253,14 +253,7 @@ class Store:
         if row is None:
             raise NotFound(f"no job {job_id}", field="id")
         outs = db.execute("SELECT * FROM outputs WHERE job_id=? ORDER BY n", (job_id,))
-        return {
-            "id": row["id"],
-            "state": row["state"],
-            "created": _iso(row["created"]),
-            "finished": _iso(row["finished"]),
-            "progress": {"done": row["done"], "failed": row["failed"], "total": row["total"]},
-            "outputs": [_output_doc(o) for o in outs],
-        }
+        return _job_doc(row, [_output_doc(o) for o in outs])
 
     def output(self, job_id: str, n: int) -> sqlite3.Row:
         row = self._db().execute("SELECT * FROM outputs WHERE job_id=? AND n=?",
@@ -277,13 +270,17 @@ class Store:
         return str(row["state"])
 
     def recent_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
-        rows = self._db().execute(
-            "SELECT id, created, finished, state, total, done, failed FROM jobs"
-            " ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
-        return [{"id": r["id"], "state": r["state"], "created": _iso(r["created"]),
-                 "finished": _iso(r["finished"]),
-                 "progress": {"done": r["done"], "failed": r["failed"], "total": r["total"]}}
-                for r in rows]
+        """The job documents (as :meth:`job`) of the newest ``limit`` jobs, in two queries."""
+        db = self._db()
+        rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?",
+                          (limit,)).fetchall()
+        outputs: dict[str, list[dict[str, Any]]] = {r["id"]: [] for r in rows}
+        if rows:
+            marks = ",".join("?" * len(rows))
+            for o in db.execute(f"SELECT * FROM outputs WHERE job_id IN ({marks})"
+                                f" ORDER BY job_id, n", tuple(outputs)):
+                outputs[o["job_id"]].append(_output_doc(o))
+        return [_job_doc(r, outputs[r["id"]]) for r in rows]
 
     # --- the ventilator's side ------------------------------------------------------------
     def open_tasks(self, *, states: tuple[str, ...] = ("queued", "running"),
@@ -416,6 +413,17 @@ def _iso(ts: float | None) -> str | None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")
+
+
+def _job_doc(row: sqlite3.Row, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "state": row["state"],
+        "created": _iso(row["created"]),
+        "finished": _iso(row["finished"]),
+        "progress": {"done": row["done"], "failed": row["failed"], "total": row["total"]},
+        "outputs": outputs,
+    }
 
 
 def _output_doc(o: sqlite3.Row) -> dict[str, Any]:

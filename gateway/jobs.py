@@ -140,13 +140,7 @@ class JobListResource:
         raw = req.get_param("limit") or "20"
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
             raise BadParam(f"limit must be a whole number from 1 to {MAX_LIST}", field="limit")
-        docs = []
-        for summary in self.store.recent_jobs(int(raw)):
-            try:
-                docs.append(self.store.job(summary["id"]))
-            except NotFound:  # removed in between
-                continue
-        resp.media = {"jobs": docs}
+        resp.media = {"jobs": self.store.recent_jobs(int(raw))}
 
 
 class OutputResource:
