@@ -23,11 +23,11 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench import chart, report, work
-from bench.client import check_target
-from bench.images import generate, load, parse_size
-from bench.measure import RunResult, percentiles, summarize, timed_run
-from bench.modes import Limit, Mode, Naive, Pipeline, Pooled, Sequential
+from imgpipe.bench import chart, report, work
+from imgpipe.bench.client import check_target
+from imgpipe.bench.images import generate, load, parse_size
+from imgpipe.bench.measure import RunResult, percentiles, summarize, timed_run
+from imgpipe.bench.modes import Limit, Mode, Naive, Pipeline, Pooled, Sequential
 
 LOCAL_MODES = ("naive-sequential", "sequential", "threads-2", "threads-4", "processes", "limit")
 DEFAULT_MODES = ",".join((*LOCAL_MODES, "pipeline"))
@@ -181,7 +181,7 @@ def run_modes(modes: list[Mode], ns: argparse.Namespace, progress: Progress,
 
 def latency_probe(mode: Pipeline, count: int) -> dict[str, Any]:
     """One image end to end over HTTP, one at a time, next to its bare compute time."""
-    from filters import codec
+    from imgpipe.filters import codec
 
     image = mode.images[0]
     mode.probe(image, 1)  # warm the connection
@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(ns: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 150)
-    from core.errors import FilterError
+    from imgpipe.core.errors import FilterError
 
     try:
         canonical = work.check_spec(ns.ops)
@@ -249,7 +249,7 @@ def run(ns: argparse.Namespace) -> int:
             notes.append(f"per-stage timings failed: {exc}")
     report.add_ratios(results)
     notes += report.check_outputs(results)
-    from filters import codec
+    from imgpipe.filters import codec
 
     first = codec.probe(images[0])
     doc = {

@@ -28,10 +28,10 @@ import httpx
 from PIL import Image
 from rich.console import Console
 
-from bench import client as api
-from bench import load, procs
-from bench.client import is_loopback
-from bench.images import generate, parse_size
+from imgpipe.bench import client as api
+from imgpipe.bench import load, procs
+from imgpipe.bench.client import is_loopback
+from imgpipe.bench.images import generate, parse_size
 
 SIZES = ((640, 360), (800, 450), (960, 540), (1280, 720))
 PROBE_S = 0.1

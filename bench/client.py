@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from core.store import FINAL_JOB
+from imgpipe.core.records import FINAL_JOB
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx
 
-from bench import client as api
-from bench.measure import percentiles
-from core.store import FINAL_JOB
+from imgpipe.bench import client as api
+from imgpipe.bench.measure import percentiles
+from imgpipe.core.records import FINAL_JOB
 
 POLL_S = 0.2
 

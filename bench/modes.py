@@ -22,9 +22,9 @@ from typing import Any
 
 import httpx
 
-from bench import client as api
-from bench import procs, work
-from bench.stack import LocalStack
+from imgpipe.bench import client as api
+from imgpipe.bench import procs, work
+from imgpipe.bench.stack import LocalStack
 
 Outcome = tuple[list[float], list[tuple[int, int] | None], list[str], float | None]
 SPAWN = mp.get_context("spawn")

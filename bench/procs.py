@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from bench.measure import children_of
+from imgpipe.bench.measure import children_of
 
 ROLES = ("up", "gateway", "ventilator", "sink", "worker", "dashboard")
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import httpx
 
-from bench import client as api
-from core.runtime import die_with_parent
+from imgpipe.bench import client as api
+from imgpipe.core.runtime import die_with_parent
 
 ENDPOINTS = ("intake", "light_task", "heavy_task", "result", "event", "control", "bus")
 
@@ -63,7 +63,7 @@ class LocalStack:
         return env
 
     def start(self, timeout: float = 90.0) -> LocalStack:
-        argv = [sys.executable, "-m", "imgpipe", "up", "--workers", str(self.workers),
+        argv = [sys.executable, "-P", "-m", "imgpipe", "up", "--workers", str(self.workers),
                 "--no-dashboard", "--data", str(self.data_dir), "--port", str(self.port)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, env=self.env(), stdout=log,

@@ -28,9 +28,9 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import load, procs, work
-from bench.client import check_target, default_url, is_loopback
-from bench.images import generate, parse_size
+from imgpipe.bench import load, procs, work
+from imgpipe.bench.client import check_target, default_url, is_loopback
+from imgpipe.bench.images import generate, parse_size
 
 MAX_BURST = 10_000
 MAX_RATE = 1_000.0
@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="submissions in the air at once; beyond it one is counted as skipped")
     c.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
     add_common(c)
-    from bench import chaos
+    from imgpipe.bench import chaos
 
     chaos.add_args(sub.add_parser("chaos", help="kill workers while jobs run (local stack)"))
     ns = p.parse_args(argv)
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parse_args(list(sys.argv[1:] if argv is None else argv))
     console = Console()
     if ns.kind == "chaos":
-        from bench import chaos
+        from imgpipe.bench import chaos
 
         return chaos.run(ns, console)
     image = the_image(ns)

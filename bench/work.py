@@ -29,7 +29,7 @@ DEFAULT_OPS = "resize:w=1920,h=1080|blur:radius=2|brightness:factor=1.1|encode:f
 
 @lru_cache(maxsize=16)
 def _chain(spec: str):  # type: ignore[no-untyped-def]
-    from filters import parse_chain
+    from imgpipe.filters import parse_chain
 
     return parse_chain(spec)
 
@@ -41,7 +41,7 @@ def check_spec(spec: str) -> str:
 
 def imgpipe_one(data: bytes, spec: str) -> bytes:
     """Decode (reduced when allowed) -> chain -> encode, as a worker does."""
-    from filters import apply_chain, codec
+    from imgpipe.filters import apply_chain, codec
 
     chain = _chain(spec)
     img, info = codec.decode_reduced(data, chain.reduce_factor)
@@ -50,7 +50,7 @@ def imgpipe_one(data: bytes, spec: str) -> bytes:
 
 
 def _encode(img, chain, input_format: str) -> bytes:  # type: ignore[no-untyped-def]
-    from filters import codec, output_format
+    from imgpipe.filters import codec, output_format
 
     enc = chain.encode
     fmt = output_format(input_format, enc.format if enc else None)
@@ -59,7 +59,7 @@ def _encode(img, chain, input_format: str) -> bytes:  # type: ignore[no-untyped-
 
 def stage_times(data: bytes, spec: str) -> dict[str, float]:
     """Milliseconds per stage of :func:`imgpipe_one` (probe, decode, each filter, encode)."""
-    from filters import apply_chain, codec, parse_chain
+    from imgpipe.filters import apply_chain, codec, parse_chain
 
     chain = _chain(spec)
     out: dict[str, float] = {}
@@ -100,7 +100,7 @@ def single_thread_init() -> None:
     """Pool initializer: one compute thread per process, as when one process runs per core."""
     import cv2
 
-    import filters  # noqa: F401  (import cost paid before any timing)
+    import imgpipe.filters  # noqa: F401  (import cost paid before any timing)
 
     cv2.setNumThreads(1)
 
@@ -124,7 +124,7 @@ def limit_child(conn: Connection, spec: str, share: list[bytes]) -> None:
 
 def out_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the output's header, None when it is not an image."""
-    from filters import codec
+    from imgpipe.filters import codec
 
     try:
         info = codec.probe(data)

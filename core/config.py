@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from core.errors import ConfigError
+from imgpipe.core.errors import ConfigError
 
 PREFIX = "IMGPIPE_"
 MB = 1024 * 1024

@@ -23,10 +23,10 @@ from typing import Any
 
 import zmq
 
-from core.config import Settings
-from core.errors import ImgpipeError
-from core.protocol import Reply, Request, decode, encode
-from core.sockets import make_socket
+from imgpipe.core.config import Settings
+from imgpipe.core.errors import ImgpipeError
+from imgpipe.core.protocol import Reply, Request, decode, encode
+from imgpipe.core.sockets import make_socket
 
 
 class Unavailable(ImgpipeError):

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from core.errors import ProtocolError
+from imgpipe.core.errors import ProtocolError
 
 VERSION = 1
 

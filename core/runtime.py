@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from core.config import Settings
+from imgpipe.core.config import Settings
 
 RunFn = Callable[..., Any]
 

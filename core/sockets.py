@@ -17,8 +17,8 @@ from typing import Any
 
 import zmq
 
-from core.config import Settings
-from core.errors import ConfigError
+from imgpipe.core.config import Settings
+from imgpipe.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,8 @@
-"""The job store: SQLite (WAL) for state, files under the data dir for images.
+"""The job store: SQLite (WAL) for state, :class:`~imgpipe.core.blobs.Blobs` for images.
 
-Layout under ``data_dir``::
-
-    jobs.sqlite3                  jobs, images, outputs (one row per image x chain)
-    originals/<job>/<i>.<ext>     uploaded images, written before the job row commits
-    outputs/<job>/<n>.<ext>       results, written atomically (temp file + rename)
-
-Every path is built from a server-generated UUID and integers only; :func:`check_id`
-refuses anything else, so no request can name a file outside the data dir.
+``jobs.sqlite3`` under the data dir holds jobs, images and outputs (one row per image
+x chain); the files live beside it (layout in :mod:`imgpipe.core.blobs`). Callers get
+the records of :mod:`imgpipe.core.records`, never rows or paths.
 
 Several processes share the database (gunicorn workers, ventilator, sink): WAL lets
 readers run beside the one writer, ``busy_timeout`` makes writers queue instead of
@@ -15,35 +10,41 @@ failing, and ``synchronous=NORMAL`` keeps a commit under a millisecond while sta
 durable across process crashes (only a power loss may drop the last commits).
 Connections are per thread.
 
-An output moves ``queued -> running -> done | failed``; ``done`` and ``failed`` are
-final and never change again, which is what makes results exactly-once: the first
-:meth:`Store.complete` wins and later ones report a duplicate.
+Results are exactly-once because ``done`` and ``failed`` are final: the first
+:meth:`Store.complete` or :meth:`Store.fail` wins and later ones report a duplicate.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import sqlite3
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from core.errors import ImgpipeError
-from core.protocol import STAGES
+from imgpipe.core.blobs import Blobs
+from imgpipe.core.protocol import STAGES
+from imgpipe.core.records import (
+    FINAL,
+    FINAL_JOB,
+    Counts,
+    Finished,
+    ImageInfo,
+    Job,
+    NotFound,
+    OpenTask,
+    Output,
+    Totals,
+    check_id,
+    job_state,
+    split_task_id,
+    task_id,
+)
 
-FINAL = ("done", "failed")  # final output states
-FINAL_JOB = ("done", "failed", "partial")  # final job states
-_PARTIAL = ".tmp-"  # name prefix of a file being written in place (see _atomic_write)
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-_EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp"}
+__all__ = ["Store", "NotFound"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -93,61 +94,13 @@ CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 """
 
 
-class NotFound(ImgpipeError):
-    status = 404
-    error = "not_found"
-
-
-def new_job_id() -> str:
-    return str(uuid.uuid4())
-
-
-def check_id(job_id: str) -> str:
-    """``job_id`` if it is a UUID this service could have made, else NotFound."""
-    if not isinstance(job_id, str) or not _UUID.match(job_id):
-        raise NotFound("no such job: job ids are UUIDs", field="id")
-    return job_id
-
-
-def task_id(job_id: str, n: int) -> str:
-    return f"{job_id}:{n}"
-
-
-def split_task_id(tid: str) -> tuple[str, int]:
-    job_id, _, n = tid.partition(":")
-    if not n.isdigit():
-        raise NotFound(f"bad task id {tid!r}", field="task_id")
-    return check_id(job_id), int(n)
-
-
-def ext_for(fmt: str) -> str:
-    return _EXT.get(fmt, "bin")
-
-
-@dataclass(frozen=True)
-class OpenTask:
-    """An output that is not final yet: what the ventilator needs to dispatch it."""
-
-    task_id: str
-    job_id: str
-    n: int
-    image: int
-    ops: str
-    cost: str
-    state: str
-    attempts: int
-    queued_at: float
-
-
 class Store:
     """The job store under ``data_dir``. Thread-safe: one connection per thread."""
 
     def __init__(self, data_dir: Path | str) -> None:
         self.root = Path(data_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "originals").mkdir(exist_ok=True)
-        (self.root / "outputs").mkdir(exist_ok=True)
-        self.db_path = self.root / "jobs.sqlite3"
+        self._blobs = Blobs(self.root)
+        self._path = self.root / "jobs.sqlite3"
         self._local = threading.local()
         self._db().executescript(_SCHEMA)  # idempotent; executescript commits itself
 
@@ -155,7 +108,7 @@ class Store:
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            db = sqlite3.connect(self._path, timeout=30, isolation_level=None)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -164,9 +117,10 @@ class Store:
         return db
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, mode: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
+        """A transaction: IMMEDIATE to write, DEFERRED for a consistent read."""
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
+        db.execute(f"BEGIN {mode}")
         try:
             yield db
         except BaseException:
@@ -180,55 +134,55 @@ class Store:
             db.close()
             self._local.db = None
 
-    # --- files ------------------------------------------------------------------------
+    # --- files --------------------------------------------------------------------------
     def original_path(self, job_id: str, idx: int, fmt: str) -> Path:
-        return self.root / "originals" / check_id(job_id) / f"{int(idx)}.{ext_for(fmt)}"
+        return self._blobs.original_path(job_id, idx, fmt)
 
     def output_path(self, job_id: str, n: int, fmt: str) -> Path:
-        return self.root / "outputs" / check_id(job_id) / f"{int(n)}.{ext_for(fmt)}"
+        return self._blobs.output_path(job_id, n, fmt)
 
     def save_original(self, job_id: str, idx: int, fmt: str, data: bytes | memoryview) -> Path:
-        return _atomic_write(self.original_path(job_id, idx, fmt), data)
+        return self._blobs.save_original(job_id, idx, fmt, data)
+
+    def stage_upload(self) -> tuple[int, Path]:
+        """A new temp file (fd, path) for an upload being received, on the data dir's
+        filesystem so that :meth:`adopt_original` is a rename."""
+        fd, name = tempfile.mkstemp(dir=self._blobs.tmp_dir, prefix="up-")
+        return fd, Path(name)
 
     def adopt_original(self, job_id: str, idx: int, fmt: str, tmp: Path) -> Path:
-        """Move an already-written temp file (same filesystem) into place."""
-        path = self.original_path(job_id, idx, fmt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, path)
-        return path
+        """Move a staged upload into place as original ``idx`` of ``job_id``."""
+        return self._blobs.adopt_original(job_id, idx, fmt, tmp)
 
-    def remove_partial_outputs(self) -> int:
-        """Output files a killed writer left half-written (call from their only writer,
-        the sink, before it starts); how many were removed."""
-        count = 0
-        for path in (self.root / "outputs").glob(f"*/{_PARTIAL}*"):
-            path.unlink(missing_ok=True)
-            count += 1
-        return count
-
-    def tmp_dir(self) -> Path:
-        """Scratch space on the data dir's filesystem (so renames into place are atomic)."""
-        path = self.root / "tmp"
-        path.mkdir(exist_ok=True)
-        return path
+    def discard_originals(self, job_id: str) -> None:
+        """Remove the originals of a job that was never recorded."""
+        self._blobs.remove_originals(job_id)
 
     def read_original(self, job_id: str, image: int) -> bytes:
         row = self._db().execute("SELECT format FROM images WHERE job_id=? AND idx=?",
                                  (check_id(job_id), image)).fetchone()
         if row is None:
             raise NotFound(f"job {job_id} has no image {image}")
-        return self.original_path(job_id, image, row["format"]).read_bytes()
+        return self._blobs.read_original(job_id, image, row["format"])
 
-    def write_output(self, job_id: str, n: int, fmt: str, data: bytes | memoryview) -> Path:
-        return _atomic_write(self.output_path(job_id, n, fmt), data)
+    def open_output(self, out: Output) -> BinaryIO:
+        """The file of a done output, open for reading; NotFound when it has none."""
+        fh = self._blobs.open_output(out.job_id, out.n, out.format or "bin")
+        if fh is None:
+            raise NotFound(f"output {out.n} of job {out.job_id} has no file", field="n")
+        return fh
+
+    def remove_partial_outputs(self) -> int:
+        """Output files a killed writer left half-written (call from their only writer,
+        the sink, before it starts); how many were removed."""
+        return self._blobs.remove_partial_outputs()
 
     # --- jobs ---------------------------------------------------------------------------
-    def create_job(self, job_id: str, images: Sequence[tuple[str, int, int, int]],
+    def create_job(self, job_id: str, images: Sequence[ImageInfo],
                    chains: Sequence[tuple[str, str]], *, now: float | None = None) -> None:
-        """Record a job whose originals are already on disk.
+        """Record a job whose originals are already in place.
 
-        ``images`` is ``(format, width, height, bytes)`` per image; ``chains`` is
-        ``(canonical ops, cost class)`` per chain. Outputs are image-major.
+        ``chains`` is ``(canonical ops, cost class)`` per chain. Outputs are image-major.
         """
         now = time.time() if now is None else now
         check_id(job_id)
@@ -241,26 +195,28 @@ class Store:
             db.execute("INSERT INTO jobs (id, created, state, total) VALUES (?, ?, 'queued', ?)",
                        (job_id, now, len(rows)))
             db.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
-                           [(job_id, i, *img) for i, img in enumerate(images)])
+                           [(job_id, i, im.format, im.width, im.height, im.nbytes)
+                            for i, im in enumerate(images)])
             db.executemany(
                 "INSERT INTO outputs (task_id, job_id, n, image, ops, cost, state, queued_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)", rows)
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        """The job document of DESIGN.md; NotFound for an unknown or malformed id."""
-        db = self._db()
-        row = db.execute("SELECT * FROM jobs WHERE id=?", (check_id(job_id),)).fetchone()
-        if row is None:
-            raise NotFound(f"no job {job_id}", field="id")
-        outs = db.execute("SELECT * FROM outputs WHERE job_id=? ORDER BY n", (job_id,))
-        return _job_doc(row, [_output_doc(o) for o in outs])
+    def job(self, job_id: str) -> Job:
+        """The job with its outputs, read in one snapshot; NotFound for an unknown id."""
+        with self._tx("DEFERRED") as db:
+            row = db.execute("SELECT * FROM jobs WHERE id=?", (check_id(job_id),)).fetchone()
+            if row is None:
+                raise NotFound(f"no job {job_id}", field="id")
+            outs = db.execute("SELECT * FROM outputs WHERE job_id=? ORDER BY n",
+                              (job_id,)).fetchall()
+        return _job(row, tuple(map(_output, outs)))
 
-    def output(self, job_id: str, n: int) -> sqlite3.Row:
+    def output(self, job_id: str, n: int) -> Output:
         row = self._db().execute("SELECT * FROM outputs WHERE job_id=? AND n=?",
                                  (check_id(job_id), n)).fetchone()
         if row is None:
             raise NotFound(f"job {job_id} has no output {n}", field="n")
-        return row
+        return _output(row)
 
     def job_state(self, job_id: str) -> str:
         row = self._db().execute("SELECT state FROM jobs WHERE id=?",
@@ -269,18 +225,18 @@ class Store:
             raise NotFound(f"no job {job_id}", field="id")
         return str(row["state"])
 
-    def recent_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
-        """The job documents (as :meth:`job`) of the newest ``limit`` jobs, in two queries."""
-        db = self._db()
-        rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?",
-                          (limit,)).fetchall()
-        outputs: dict[str, list[dict[str, Any]]] = {r["id"]: [] for r in rows}
-        if rows:
-            marks = ",".join("?" * len(rows))
-            for o in db.execute(f"SELECT * FROM outputs WHERE job_id IN ({marks})"
-                                f" ORDER BY job_id, n", tuple(outputs)):
-                outputs[o["job_id"]].append(_output_doc(o))
-        return [_job_doc(r, outputs[r["id"]]) for r in rows]
+    def recent_jobs(self, limit: int = 20) -> list[Job]:
+        """The newest ``limit`` jobs with their outputs, newest first, in two queries."""
+        with self._tx("DEFERRED") as db:
+            rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?",
+                              (limit,)).fetchall()
+            outputs: dict[str, list[Output]] = {r["id"]: [] for r in rows}
+            if rows:
+                marks = ",".join("?" * len(rows))
+                for o in db.execute(f"SELECT * FROM outputs WHERE job_id IN ({marks})"
+                                    f" ORDER BY job_id, n", tuple(outputs)):
+                    outputs[o["job_id"]].append(_output(o))
+        return [_job(r, tuple(outputs[r["id"]])) for r in rows]
 
     # --- the ventilator's side ------------------------------------------------------------
     def open_tasks(self, *, states: tuple[str, ...] = ("queued", "running"),
@@ -313,14 +269,21 @@ class Store:
         return row is None or row["state"] in FINAL
 
     # --- the sink's side ---------------------------------------------------------------------
-    def complete(self, tid: str, *, worker: str, attempt: int, width: int, height: int,
-                 nbytes: int, content_type: str, fmt: str, timings: dict[str, float],
-                 now: float | None = None) -> str | None:
-        """Mark an output done; the job's new state, or None when it was already final."""
-        return self._finish(tid, "done", now=now, worker=worker, attempts=attempt,
-                            width=width, height=height, bytes=nbytes,
-                            content_type=content_type, format=fmt, error=None,
-                            **_timing_fields(timings))
+    def complete(self, tid: str, data: bytes | memoryview, *, worker: str, attempt: int,
+                 width: int, height: int, content_type: str, fmt: str,
+                 timings: dict[str, float], now: float | None = None) -> str | None:
+        """Write the output's file, then mark it done: the job's new state, or None when
+        the output was already final (a file written for an output that failed
+        meanwhile is removed again)."""
+        job_id, n = split_task_id(tid)
+        path = self._blobs.write_output(job_id, n, fmt, data)
+        state = self._finish(tid, "done", now=now, worker=worker, attempts=attempt,
+                             width=width, height=height, bytes=len(data),
+                             content_type=content_type, format=fmt, error=None,
+                             **_timing_fields(timings))
+        if state is None and self.output(job_id, n).state == "failed":
+            path.unlink(missing_ok=True)
+        return state
 
     def fail(self, tid: str, error: str, *, worker: str | None = None,
              attempt: int | None = None, timings: dict[str, float] | None = None,
@@ -349,25 +312,21 @@ class Store:
             db.execute(f"UPDATE jobs SET {col}={col}+1 WHERE id=?", (job_id,))
             job = db.execute("SELECT total, done, failed FROM jobs WHERE id=?",
                              (job_id,)).fetchone()
-            new = _job_state(job["total"], job["done"], job["failed"])
+            new = job_state(job["total"], job["done"], job["failed"])
             db.execute("UPDATE jobs SET state=?, finished=? WHERE id=?",
                        (new, now if new in FINAL_JOB else None, job_id))
         return new
 
     # --- numbers ---------------------------------------------------------------------------
-    def counts(self) -> dict[str, int]:
-        """Outputs by state: queued, running (the open index makes this cheap)."""
+    def counts(self) -> Counts:
+        """Open outputs by state (the open index makes this cheap)."""
         rows = self._db().execute(
             "SELECT state, COUNT(*) AS c FROM outputs WHERE state IN ('queued', 'running')"
             " GROUP BY state").fetchall()
-        out = {"queued": 0, "running": 0}
-        out.update({r["state"]: r["c"] for r in rows})
-        return out
+        return Counts(**{r["state"]: r["c"] for r in rows})
 
     def open_count(self) -> int:
-        row = self._db().execute(
-            "SELECT COUNT(*) FROM outputs WHERE state IN ('queued', 'running')").fetchone()
-        return int(row[0])
+        return self.counts().open
 
     def done_since(self, window_s: float) -> int:
         """Outputs finished ``done`` in the last ``window_s`` seconds (a count, by index)."""
@@ -376,31 +335,26 @@ class Store:
             (time.time() - window_s,)).fetchone()
         return int(row[0])
 
-    def recent_outputs(self, window_s: float, *, now: float | None = None) -> list[sqlite3.Row]:
-        """Outputs that finished in the last ``window_s`` seconds (for rates and latencies)."""
+    def recent_outputs(self, window_s: float, *, now: float | None = None) -> list[Finished]:
+        """Outputs that finished in the last ``window_s`` seconds, oldest first."""
         now = time.time() if now is None else now
-        return self._db().execute(
-            "SELECT state, attempts, finished_at, t_queue, t_decode, t_filters, t_encode,"
-            " t_total, queued_at FROM outputs WHERE finished_at >= ? ORDER BY finished_at",
+        rows = self._db().execute(
+            "SELECT state, attempts, queued_at, finished_at, t_queue, t_decode, t_filters,"
+            " t_encode, t_total FROM outputs WHERE finished_at >= ? ORDER BY finished_at",
             (now - window_s,)).fetchall()
+        return [Finished(r["state"], r["attempts"], r["queued_at"], r["finished_at"],
+                         _timings(r)) for r in rows]
 
-    def totals(self) -> dict[str, int]:
-        row = self._db().execute(
+    def totals(self) -> Totals:
+        db = self._db()
+        row = db.execute(
             "SELECT COUNT(*) AS jobs, COALESCE(SUM(done), 0) AS done,"
             " COALESCE(SUM(failed), 0) AS failed, COALESCE(SUM(total), 0) AS total"
             " FROM jobs").fetchone()
-        retries = self._db().execute(
+        retries = db.execute(
             "SELECT COALESCE(SUM(attempts - 1), 0) FROM outputs WHERE attempts > 1").fetchone()
-        return {"jobs": row["jobs"], "done": row["done"], "failed": row["failed"],
-                "outputs": row["total"], "retries": int(retries[0])}
-
-
-def _job_state(total: int, done: int, failed: int) -> str:
-    if done + failed < total:
-        return "running"
-    if failed == 0:
-        return "done"
-    return "failed" if done == 0 else "partial"
+        return Totals(jobs=row["jobs"], outputs=row["total"], done=row["done"],
+                      failed=row["failed"], retries=int(retries[0]))
 
 
 def _timing_fields(timings: dict[str, float]) -> dict[str, float]:
@@ -408,43 +362,21 @@ def _timing_fields(timings: dict[str, float]) -> dict[str, float]:
     return {f"t_{k}": v for k, v in timings.items() if k in STAGES}
 
 
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+def _timings(row: sqlite3.Row) -> dict[str, float | None]:
+    return {k: row[f"t_{k}"] for k in STAGES}
 
 
-def _job_doc(row: sqlite3.Row, outputs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "state": row["state"],
-        "created": _iso(row["created"]),
-        "finished": _iso(row["finished"]),
-        "progress": {"done": row["done"], "failed": row["failed"], "total": row["total"]},
-        "outputs": outputs,
-    }
+def _job(row: sqlite3.Row, outputs: tuple[Output, ...]) -> Job:
+    return Job(id=row["id"], state=row["state"], created=row["created"],
+               finished=row["finished"], total=row["total"], done=row["done"],
+               failed=row["failed"], outputs=outputs)
 
 
-def _output_doc(o: sqlite3.Row) -> dict[str, Any]:
-    return {
-        "n": o["n"], "image": o["image"], "ops": o["ops"], "state": o["state"],
-        "url": f"/api/jobs/{o['job_id']}/outputs/{o['n']}",
-        "width": o["width"], "height": o["height"], "bytes": o["bytes"],
-        "content_type": o["content_type"], "worker": o["worker"], "attempts": o["attempts"],
-        "timings_ms": {k: o[f"t_{k}"] for k in STAGES},
-        "error": o["error"],
-    }
-
-
-def _atomic_write(path: Path, data: bytes | memoryview) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_PARTIAL)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def _output(r: sqlite3.Row) -> Output:
+    return Output(
+        task_id=r["task_id"], job_id=r["job_id"], n=r["n"], image=r["image"], ops=r["ops"],
+        cost=r["cost"], state=r["state"], attempts=r["attempts"], queued_at=r["queued_at"],
+        worker=r["worker"], width=r["width"], height=r["height"], nbytes=r["bytes"],
+        content_type=r["content_type"], format=r["format"], error=r["error"],
+        dispatched_at=r["dispatched_at"], finished_at=r["finished_at"],
+        timings_ms=_timings(r))

@@ -14,13 +14,13 @@ from typing import Any
 
 import streamlit as st
 
-from core.advice import MAINTAIN, SCALE_UP, recommend
-from core.config import Settings
-from core.control import ask, supervisor_endpoint
-from core.errors import ImgpipeError
-from core.store import FINAL_JOB
-from dashboard import charts, jobs, views
-from dashboard.collector import Collector
+from imgpipe.core.advice import MAINTAIN, SCALE_UP, recommend
+from imgpipe.core.config import Settings
+from imgpipe.core.control import ask, supervisor_endpoint
+from imgpipe.core.errors import ImgpipeError
+from imgpipe.core.records import FINAL_JOB
+from imgpipe.dashboard import charts, jobs, views
+from imgpipe.dashboard.collector import Collector
 
 STATE_STYLE = {"busy": "background-color:#fde2d4;color:#9a3412;font-weight:600",
                "idle": "background-color:#dcfce7;color:#166534",

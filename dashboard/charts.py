@@ -20,8 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from core.protocol import WORK_STAGES
-from dashboard.collector import Snapshot
+from imgpipe.core.protocol import WORK_STAGES
+from imgpipe.dashboard.collector import Snapshot
 
 HEIGHT = 280   # px: the whole chart (title, legend, axes and plot)
 STAGE_COLORS = {"queue": "#adb5bd", "decode": "#457b9d", "filters": "#e76f51",

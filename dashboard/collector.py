@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 import zmq
 
-from core.config import Settings
-from core.protocol import TOPIC_EVENT, TOPIC_HEARTBEAT, TOPIC_METRIC
-from core.sockets import make_socket, start_authenticator
-from dashboard.fleet import POLL_S, FleetState, SeqTracker, Snapshot
+from imgpipe.core.config import Settings
+from imgpipe.core.protocol import TOPIC_EVENT, TOPIC_HEARTBEAT, TOPIC_METRIC
+from imgpipe.core.sockets import make_socket, start_authenticator
+from imgpipe.dashboard.fleet import POLL_S, FleetState, SeqTracker, Snapshot
 
 __all__ = ["Collector", "FleetState", "SeqTracker", "Snapshot"]
 

@@ -31,9 +31,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.config import Settings
-from core.errors import ProtocolError
-from core.protocol import (
+from imgpipe.core.config import Settings
+from imgpipe.core.errors import ProtocolError
+from imgpipe.core.protocol import (
     WORK_STAGES,
     Event,
     Heartbeat,

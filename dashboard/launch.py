@@ -15,16 +15,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.config import Settings, add_settings_args, settings_from_args
-from core.errors import ConfigError
+from imgpipe.core.config import Settings, add_settings_args, settings_from_args
+from imgpipe.core.errors import ConfigError
 
 APP = Path(__file__).with_name("app.py")
-ROOT = APP.parent.parent
 
 
 def streamlit_command(settings: Settings) -> list[str]:
     """The ``streamlit run`` command line for ``settings`` (the HTTP side of it)."""
-    return [sys.executable, "-m", "streamlit", "run", str(APP),
+    return [sys.executable, "-P", "-m", "streamlit", "run", str(APP),
             "--server.port", str(settings.dashboard_port),
             "--server.address", settings.gateway_host,
             "--server.headless", "true",
@@ -36,11 +35,11 @@ def streamlit_command(settings: Settings) -> list[str]:
 
 
 def child_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment Streamlit's script sees: the settings, and the repo importable."""
+    """The environment Streamlit's script sees: the settings. ``imgpipe`` is importable
+    because it is installed; nothing is put on ``PYTHONPATH`` (a folder there could
+    shadow a module)."""
     env = dict(os.environ if environ is None else environ)
     env.update(settings.to_env())
-    path = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)
     env.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")
     return env
 

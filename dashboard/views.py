@@ -12,9 +12,9 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
-from core.protocol import WORK_STAGES
-from dashboard.charts import STAGE_COLORS
-from dashboard.collector import Snapshot
+from imgpipe.core.protocol import WORK_STAGES
+from imgpipe.dashboard.charts import STAGE_COLORS
+from imgpipe.dashboard.collector import Snapshot
 
 TREND_WINDOW_S = 5.0
 JOB_TIMINGS_TITLE = "Where the time went, per recent job"

@@ -4,9 +4,9 @@ Importing the package registers every filter. Other components use only the name
 re-exported here.
 """
 
-from filters import color, effects, geometry  # noqa: F401  (importing registers the filters)
-from filters.chain import MAX_FILTERS, Chain, Step, apply_chain, parse_chain
-from filters.codec import (
+from imgpipe.filters import color, effects, geometry  # noqa: F401  (importing registers the filters)
+from imgpipe.filters.chain import MAX_FILTERS, Chain, Step, apply_chain, parse_chain
+from imgpipe.filters.codec import (
     DEFAULT_MAX_PIXELS,
     EncodeParams,
     ImageInfo,
@@ -16,8 +16,8 @@ from filters.codec import (
     encode,
     probe,
 )
-from filters.docs import format_filters_text
-from filters.formats import (
+from imgpipe.filters.docs import format_filters_text
+from imgpipe.filters.formats import (
     INPUT_FORMATS,
     OUTPUT_FORMATS,
     content_type,
@@ -25,9 +25,9 @@ from filters.formats import (
     output_format,
     sniff,
 )
-from filters.params import ParamError, ParamInfo, Params, param
-from filters.pixels import Image
-from filters.registry import REGISTRY, FilterSpec, describe_filters, register
+from imgpipe.filters.params import ParamError, ParamInfo, Params, param
+from imgpipe.filters.pixels import Image
+from imgpipe.filters.registry import REGISTRY, FilterSpec, describe_filters, register
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

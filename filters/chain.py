@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import FilterError, ImageTooLarge
-from filters.codec import DEFAULT_MAX_PIXELS, EncodeParams
-from filters.geometry import ResizeParams, resize_scale, resize_size
-from filters.params import ParamError, Params, infos, quote
-from filters.pixels import Image, check_image
-from filters.registry import REGISTRY, Cost, FilterSpec
+from imgpipe.core.errors import FilterError, ImageTooLarge
+from imgpipe.filters.codec import DEFAULT_MAX_PIXELS, EncodeParams
+from imgpipe.filters.geometry import ResizeParams, resize_scale, resize_size
+from imgpipe.filters.params import ParamError, Params, infos, quote
+from imgpipe.filters.pixels import Image, check_image
+from imgpipe.filters.registry import REGISTRY, Cost, FilterSpec
 
 MAX_FILTERS = 12
 MAX_SPEC_CHARS = 4096

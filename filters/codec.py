@@ -51,11 +51,11 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageFile
 
-from core.errors import ImageError, ImageTooLarge, ImgpipeError
-from filters.formats import OUTPUT_FORMATS, sniff
-from filters.params import Params, param
-from filters.pixels import Image, as_image, check_image
-from filters.registry import register
+from imgpipe.core.errors import ImageError, ImageTooLarge, ImgpipeError
+from imgpipe.filters.formats import OUTPUT_FORMATS, sniff
+from imgpipe.filters.params import Params, param
+from imgpipe.filters.pixels import Image, as_image, check_image
+from imgpipe.filters.registry import register
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from filters.params import Params, param
-from filters.pixels import Image, as_image, luma, lut, split_alpha, to_rgb, with_alpha
-from filters.registry import register
+from imgpipe.filters.params import Params, param
+from imgpipe.filters.pixels import Image, as_image, luma, lut, split_alpha, to_rgb, with_alpha
+from imgpipe.filters.registry import register
 
 MAX_FACTOR = 10.0
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from filters.params import ParamInfo, infos
-from filters.registry import REGISTRY
+from imgpipe.filters.params import ParamInfo, infos
+from imgpipe.filters.registry import REGISTRY
 
 
 def format_filters_text() -> str:

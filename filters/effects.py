@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from filters.params import ParamError, Params, param
-from filters.pixels import Image, as_image, luma, split_alpha, with_alpha
-from filters.registry import register
+from imgpipe.filters.params import ParamError, Params, param
+from imgpipe.filters.pixels import Image, as_image, luma, split_alpha, with_alpha
+from imgpipe.filters.registry import register
 
 MAX_RADIUS = 100.0
 """Largest blur σ in px (thumbor caps its blur radius too)."""

@@ -7,7 +7,7 @@ message that names them.
 
 from __future__ import annotations
 
-from core.errors import ImageError
+from imgpipe.core.errors import ImageError
 
 INPUT_FORMATS = ("jpeg", "png", "webp", "gif", "bmp")
 OUTPUT_FORMATS = ("jpeg", "png", "webp")

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from filters.params import ParamError, Params, param
-from filters.pixels import Image, as_image
-from filters.registry import register
+from imgpipe.filters.params import ParamError, Params, param
+from imgpipe.filters.pixels import Image, as_image
+from imgpipe.filters.registry import register
 
 MAX_SIDE = 16384
 """Largest width or height resize accepts (WebP itself stops at 16383)."""

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.errors import FilterError
+from imgpipe.core.errors import FilterError
 
 Value = int | float | bool | str | None
 

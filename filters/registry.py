@@ -41,8 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-from filters.params import Params, infos
-from filters.pixels import Image
+from imgpipe.filters.params import Params, infos
+from imgpipe.filters.pixels import Image
 
 Cost = Literal["light", "heavy"]
 P = TypeVar("P", bound=Params)

@@ -15,9 +15,9 @@ import signal
 import time
 from dataclasses import dataclass
 
-from filters.params import Params, param
-from filters.pixels import Image
-from filters.registry import REGISTRY, register
+from imgpipe.filters.params import Params, param
+from imgpipe.filters.pixels import Image
+from imgpipe.filters.registry import REGISTRY, register
 
 MAX_SLEEP_MS = 600_000
 

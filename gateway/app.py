@@ -12,10 +12,10 @@ from typing import Any
 
 import falcon
 
-from core.config import Settings
-from core.store import Store
-from gateway import errors
-from gateway.fleet import (
+from imgpipe.core.config import Settings
+from imgpipe.core.store import Store
+from imgpipe.gateway import errors
+from imgpipe.gateway.fleet import (
     FiltersResource,
     FleetView,
     HealthResource,
@@ -23,10 +23,10 @@ from gateway.fleet import (
     PrometheusResource,
     WorkersResource,
 )
-from gateway.jobs import JobListResource, JobResource, OutputResource, ProcessResource
-from gateway.metrics import RequestMetrics
-from gateway.openapi import OpenAPIResource
-from gateway.pipeline import Pipeline
+from imgpipe.gateway.jobs import JobListResource, JobResource, OutputResource, ProcessResource
+from imgpipe.gateway.metrics import RequestMetrics
+from imgpipe.gateway.openapi import OpenAPIResource
+from imgpipe.gateway.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def create_app(settings: Settings, *, store: Store | None = None,
 
 def _enable_test_filters() -> None:
     try:
-        from filters.testing import enable_test_filters
+        from imgpipe.filters.testing import enable_test_filters
     except ImportError:  # the test-only filters are optional
         log.warning("IMGPIPE_TEST_HOOKS is on but filters.testing is not available")
         return

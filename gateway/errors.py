@@ -14,7 +14,7 @@ from typing import Any
 
 import falcon
 
-from core.errors import ImgpipeError
+from imgpipe.core.errors import ImgpipeError
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,14 @@ from typing import Any
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from core.advice import recommend
-from core.config import Settings
-from core.control import ask
-from core.errors import ImgpipeError
-from core.store import Store
-from filters import describe_filters
-from gateway.metrics import QueueHistory, RequestMetrics, fleet_metrics
-from gateway.pipeline import Pipeline
+from imgpipe.core.advice import recommend
+from imgpipe.core.config import Settings
+from imgpipe.core.control import ask
+from imgpipe.core.errors import ImgpipeError
+from imgpipe.core.store import Store
+from imgpipe.filters import describe_filters
+from imgpipe.gateway.metrics import QueueHistory, RequestMetrics, fleet_metrics
+from imgpipe.gateway.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import shutil
+import os
 import threading
 
 import falcon
 
-from core.config import Settings
-from core.store import FINAL, FINAL_JOB, NotFound, Store, check_id, new_job_id
-from gateway.errors import BadParam, OutputFailed, QueueFull
-from gateway.pipeline import Pipeline
-from gateway.upload import Upload, check_length, parse_upload
+from imgpipe.core.config import Settings
+from imgpipe.core.records import FINAL, FINAL_JOB, ImageInfo, NotFound, check_id, new_job_id
+from imgpipe.core.store import Store
+from imgpipe.gateway.documents import job_doc
+from imgpipe.gateway.errors import BadParam, OutputFailed, QueueFull
+from imgpipe.gateway.pipeline import Pipeline
+from imgpipe.gateway.upload import Upload, check_length, parse_upload
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +50,12 @@ class ProcessResource:
         self.pipeline.stats.accepted()
         resp.set_header("Location", f"/api/jobs/{job_id}")
         final = wait_s > 0 and self.waiter.wait(job_id, wait_s)
-        doc = self.store.job(job_id)
-        if final and len(doc["outputs"]) == 1 and wants_image(req):
+        job = self.store.job(job_id)
+        if final and len(job.outputs) == 1 and wants_image(req):
             serve_output(req, resp, self.store, job_id, 0)
             return
         resp.status = falcon.HTTP_200 if final else falcon.HTTP_202
-        resp.media = doc
+        resp.media = job_doc(job)
 
     def check_capacity(self, new_outputs: int) -> None:
         """503 + Retry-After when ``new_outputs`` would push the queue over its limit.
@@ -80,11 +82,11 @@ class ProcessResource:
             for i, img in enumerate(upload.images):
                 self.store.adopt_original(job_id, i, img.format, img.tmp)
             self.store.create_job(
-                job_id, [(i.format, i.width, i.height, i.nbytes) for i in upload.images],
-                upload.chains)
+                job_id, [ImageInfo(i.format, i.width, i.height, i.nbytes)
+                         for i in upload.images], upload.chains)
         except BaseException:
             upload.discard()
-            shutil.rmtree(self.store.root / "originals" / job_id, ignore_errors=True)
+            self.store.discard_originals(job_id)
             raise
         log.info("job %s: %d image(s) x %d chain(s)", job_id, len(upload.images),
                  len(upload.chains))
@@ -127,7 +129,7 @@ class JobResource:
         self.store.job_state(check_id(job_id))  # 404 before waiting on a job that is not there
         if wait_s > 0:
             self.waiter.wait(job_id, wait_s)
-        resp.media = self.store.job(job_id)
+        resp.media = job_doc(self.store.job(job_id))
 
 
 class JobListResource:
@@ -140,7 +142,7 @@ class JobListResource:
         raw = req.get_param("limit") or "20"
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
             raise BadParam(f"limit must be a whole number from 1 to {MAX_LIST}", field="limit")
-        resp.media = {"jobs": self.store.recent_jobs(int(raw))}
+        resp.media = {"jobs": [job_doc(j) for j in self.store.recent_jobs(int(raw))]}
 
 
 class OutputResource:
@@ -158,19 +160,13 @@ class OutputResource:
 def serve_output(req: falcon.Request, resp: falcon.Response, store: Store, job_id: str,
                  n: int) -> None:
     """Stream output ``n`` with its content type, ETag and immutable caching."""
-    row = store.output(job_id, n)
-    state = row["state"]
-    if state == "failed":
-        raise OutputFailed(f"output {n} failed: {row['error'] or 'unknown error'}", field="n")
-    if state not in FINAL:
-        raise NotFound(f"output {n} of job {job_id} is {state}; it exists once done",
+    out = store.output(job_id, n)
+    if out.state == "failed":
+        raise OutputFailed(f"output {n} failed: {out.error or 'unknown error'}", field="n")
+    if out.state not in FINAL:
+        raise NotFound(f"output {n} of job {job_id} is {out.state}; it exists once done",
                        field="n")
-    path = store.output_path(job_id, n, row["format"] or "bin")
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise NotFound(f"output {n} of job {job_id} has no file", field="n") from None
-    tag = hashlib.sha1(f"{row['task_id']}:{row['bytes']}:{row['finished_at']}".encode())
+    tag = hashlib.sha1(f"{out.task_id}:{out.nbytes}:{out.finished_at}".encode())
     etag = f'"{tag.hexdigest()[:20]}"'
     resp.set_header("ETag", etag)
     resp.cache_control = [IMMUTABLE]
@@ -178,8 +174,9 @@ def serve_output(req: falcon.Request, resp: falcon.Response, store: Store, job_i
     if _matches(req.get_header("If-None-Match"), etag):
         resp.status = falcon.HTTP_304
         return
-    resp.content_type = row["content_type"] or "application/octet-stream"
-    resp.set_stream(path.open("rb"), size)
+    fh = store.open_output(out)
+    resp.content_type = out.content_type or "application/octet-stream"
+    resp.set_stream(fh, os.fstat(fh.fileno()).st_size)
 
 
 def _matches(header: str | None, etag: str) -> bool:

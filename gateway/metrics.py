@@ -17,15 +17,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from core.protocol import WORK_STAGES
-from core.store import Store
-from gateway.pipeline import percentiles
+from imgpipe.core.protocol import WORK_STAGES
+from imgpipe.core.store import Store
+from imgpipe.gateway.pipeline import percentiles
 
 THROUGHPUT_WINDOW_S = 10.0   # outputs finished in this window give throughput_per_s
 LATENCY_WINDOW_S = 60.0      # outputs finished in this window give latency and stages
@@ -56,31 +57,30 @@ def fleet_metrics(store: Store, vstats: dict[str, Any] | None, *, now: float | N
     """The ``/api/metrics`` document. ``vstats`` is the ventilator's stats, None if down."""
     now = time.time() if now is None else now
     counts = store.counts()
-    rows = store.recent_outputs(LATENCY_WINDOW_S, now=now)
-    done = [r for r in rows if r["state"] == "done"]
-    recent = [r for r in rows if (r["finished_at"] or 0) >= now - THROUGHPUT_WINDOW_S]
-    latency = [(r["finished_at"] - r["queued_at"]) * 1000.0 for r in done]
+    finished = store.recent_outputs(LATENCY_WINDOW_S, now=now)
+    done = [f for f in finished if f.state == "done"]
+    recent = [f for f in done if f.finished_at >= now - THROUGHPUT_WINDOW_S]
+    latency = [(f.finished_at - f.queued_at) * 1000.0 for f in done]
     stages: dict[str, float | None] = {}
     for stage in WORK_STAGES:
-        vals = [r[f"t_{stage}"] for r in done if r[f"t_{stage}"] is not None]
+        vals = [v for f in done if (v := f.timings_ms.get(stage)) is not None]
         stages[stage] = round(sum(vals) / len(vals), 3) if vals else None
     totals = store.totals()
     fleet = (vstats or {}).get("workers") or {}
     out: dict[str, Any] = {
         "ts": now,
-        "queue_depth": counts["queued"],
-        "in_flight": counts["running"],
-        "throughput_per_s": round(sum(r["state"] == "done" for r in recent)
-                                  / THROUGHPUT_WINDOW_S, 3),
+        "queue_depth": counts.queued,
+        "in_flight": counts.running,
+        "throughput_per_s": round(len(recent) / THROUGHPUT_WINDOW_S, 3),
         "window_s": THROUGHPUT_WINDOW_S,
         "latency_window_s": LATENCY_WINDOW_S,
         "latency_ms": percentiles(latency),
         "stages_ms": stages,
-        "retries": totals["retries"],
-        "failures": totals["failed"],
+        "retries": totals.retries,
+        "failures": totals.failed,
         "duplicates": (vstats or {}).get("duplicates"),
         "workers": {s: int(fleet.get(s, 0) or 0) for s in WORKER_STATES},
-        "totals": totals,
+        "totals": asdict(totals),
         "ventilator": "up" if vstats is not None else "down",
     }
     if history is not None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import falcon
 
-from core.config import Settings
+from imgpipe.core.config import Settings
 
 JSON = "application/json"
 

@@ -27,11 +27,19 @@ from typing import Any
 
 import zmq
 
-from core.config import Settings
-from core.errors import ProtocolError
-from core.protocol import TOPIC_DONE, Done, Metric, Notice, decode_topic, encode, encode_topic
-from core.sockets import make_socket
-from core.store import FINAL_JOB
+from imgpipe.core.config import Settings
+from imgpipe.core.errors import ProtocolError
+from imgpipe.core.protocol import (
+    TOPIC_DONE,
+    Done,
+    Metric,
+    Notice,
+    decode_topic,
+    encode,
+    encode_topic,
+)
+from imgpipe.core.records import FINAL_JOB
+from imgpipe.core.sockets import make_socket
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
-from core.config import Settings, add_settings_args, settings_from_args
-from core.runtime import configure_logging
-from gateway.errors import ClientTimeout
+from imgpipe.core.config import Settings, add_settings_args, settings_from_args
+from imgpipe.core.runtime import configure_logging
+from imgpipe.gateway.errors import ClientTimeout
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ class GatewayApplication(BaseApplication):  # type: ignore[misc]
     def load(self) -> Any:
         # Runs in each worker after the fork: the app, its store connection and its
         # ZeroMQ context all belong to that worker.
-        from gateway.app import create_app
-        from gateway.pipeline import Pipeline
+        from imgpipe.gateway.app import create_app
+        from imgpipe.gateway.pipeline import Pipeline
 
         configure_logging(self.settings, "gateway")
         pipeline = Pipeline(self.settings)
@@ -135,7 +135,7 @@ def gunicorn_options(s: Settings) -> dict[str, Any]:
     return {
         "bind": [f"{s.gateway_host}:{s.gateway_port}"],
         "workers": s.gateway_workers,
-        "worker_class": "gateway.service.GatewayWorker",
+        "worker_class": "imgpipe.gateway.service.GatewayWorker",
         "threads": s.gateway_threads,
         "worker_connections": 1000,
         "timeout": max(30, int(s.gateway_timeout_s) + 5),

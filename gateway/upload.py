@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +30,12 @@ import falcon
 from falcon.media.multipart import MultipartForm, MultipartParseError, MultipartParseOptions
 from falcon.util.reader import BufferedReader
 
-from core.config import Settings
-from core.errors import FilterError, ImageError
-from core.store import Store
-from filters import parse_chain, sniff
-from filters.codec import check_pixels, probe
-from gateway.errors import BadForm, ClientTimeout, PayloadTooLarge, RequestTimeout
+from imgpipe.core.config import Settings
+from imgpipe.core.errors import FilterError, ImageError
+from imgpipe.core.store import Store
+from imgpipe.filters import parse_chain, sniff
+from imgpipe.filters.codec import check_pixels, probe
+from imgpipe.gateway.errors import BadForm, ClientTimeout, PayloadTooLarge, RequestTimeout
 
 CHUNK = 1024 * 1024
 
@@ -233,8 +232,7 @@ def _text(stream: Readable, name: str) -> str:
 
 def _stage(stream: Readable, store: Store, settings: Settings, *, index: int) -> StagedImage:
     """Copy one image part to a temp file, then probe its header and check its end."""
-    fd, name = tempfile.mkstemp(dir=store.tmp_dir(), prefix="up-")
-    tmp = Path(name)
+    fd, tmp = store.stage_upload()
     head = bytearray()
     size = 0
     try:

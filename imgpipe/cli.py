@@ -14,16 +14,16 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "up": ("imgpipe.supervisor", "main_up", "run the whole stack as local processes"),
     "scale": ("imgpipe.supervisor", "main_scale", "set the running local stack to N workers"),
-    "gateway": ("gateway.service", "main", "run the HTTP gateway (gunicorn)"),
-    "ventilator": ("ventilator.service", "main", "run the dispatcher"),
-    "worker": ("workers.service", "main", "run one worker"),
-    "sink": ("sink.service", "main", "run the result sink"),
-    "dashboard": ("dashboard.launch", "main", "run the Streamlit dashboard"),
+    "gateway": ("imgpipe.gateway.service", "main", "run the HTTP gateway (gunicorn)"),
+    "ventilator": ("imgpipe.ventilator.service", "main", "run the dispatcher"),
+    "worker": ("imgpipe.workers.service", "main", "run one worker"),
+    "sink": ("imgpipe.sink.service", "main", "run the result sink"),
+    "dashboard": ("imgpipe.dashboard.launch", "main", "run the Streamlit dashboard"),
     "submit": ("imgpipe.client", "main", "submit images over HTTP and fetch the results"),
     "metrics": ("imgpipe.monitor", "main_metrics", "print the fleet once"),
     "monitor": ("imgpipe.monitor", "main_monitor", "watch the fleet live in the terminal"),
-    "bench": ("bench.bench", "main", "compare sequential, threads, processes and the pipeline"),
-    "stress": ("bench.stress", "main", "bounded load against a running gateway (burst, "
+    "bench": ("imgpipe.bench.bench", "main", "compare sequential, threads, processes and the pipeline"),
+    "stress": ("imgpipe.bench.stress", "main", "bounded load against a running gateway (burst, "
                "continuous, chaos)"),
     "health": ("imgpipe.health", "main", "probe one component (container health checks)"),
     "filters": ("imgpipe.info", "main_filters", "list every filter with its parameters"),

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from core.store import FINAL_JOB
+from imgpipe.core.records import FINAL_JOB
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}

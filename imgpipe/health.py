@@ -35,9 +35,9 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from core.config import Settings, add_settings_args, reachable_host, settings_from_args
-from core.control import Unavailable, ask
-from core.errors import ImgpipeError
+from imgpipe.core.config import Settings, add_settings_args, reachable_host, settings_from_args
+from imgpipe.core.control import Unavailable, ask
+from imgpipe.core.errors import ImgpipeError
 
 ROLES = ("gateway", "ventilator", "sink", "worker", "dashboard")
 

@@ -6,14 +6,14 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from core.config import Settings
+from imgpipe.core.config import Settings
 
 
 def main_filters(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="imgpipe filters", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print the JSON of /api/filters")
     ns = parser.parse_args(argv)
-    from filters import describe_filters, format_filters_text
+    from imgpipe.filters import describe_filters, format_filters_text
 
     print(json.dumps(describe_filters(), indent=2) if ns.json else format_filters_text())
     return 0

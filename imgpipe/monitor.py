@@ -25,7 +25,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from core.advice import SCALE_DOWN, SCALE_UP, recommend
+from imgpipe.core.advice import SCALE_DOWN, SCALE_UP, recommend
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 SPARK = "▁▂▃▄▅▆▇█"

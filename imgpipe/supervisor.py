@@ -6,7 +6,7 @@ spin); answers ``scale`` and ``status`` requests on a small control socket whose
 address it writes to ``<data dir>/supervisor.json`` (that is how ``imgpipe scale N``
 and the dashboard find it); and on Ctrl-C or SIGTERM stops everything: SIGTERM to
 every child, SIGKILL to whatever is still alive after a grace period, the shared
-memory of every worker swept. Children run in their own session (a terminal's
+memory of every worker swept; it returns only when every descendant is gone. Children run in their own session (a terminal's
 Ctrl-C reaches only the supervisor, which stops them in order) and get
 ``PR_SET_PDEATHSIG`` so they die with a supervisor killed by SIGKILL.
 """
@@ -14,6 +14,7 @@ Ctrl-C reaches only the supervisor, which stops them in order) and get
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -27,27 +28,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import psutil
 import zmq
 
-from core.advice import Autoscaler
-from core.config import (
+from imgpipe.core.advice import Autoscaler
+from imgpipe.core.config import (
     Settings,
     add_settings_args,
     parse_range,
     reachable_host,
     settings_from_args,
 )
-from core.control import SUPERVISOR_FILE, Unavailable, ask, supervisor_endpoint
-from core.errors import ImgpipeError
-from core.protocol import Reply, Request, decode, encode
-from core.runtime import configure_logging, die_with_parent
-from core.sockets import bound_endpoint, make_socket
+from imgpipe.core.control import SUPERVISOR_FILE, Unavailable, ask, supervisor_endpoint
+from imgpipe.core.errors import ImgpipeError
+from imgpipe.core.protocol import Reply, Request, decode, encode
+from imgpipe.core.runtime import configure_logging, die_with_parent
+from imgpipe.core.sockets import bound_endpoint, make_socket
 
 log = logging.getLogger(__name__)
 
 GRACE_S = 10.0          # SIGTERM -> SIGKILL
 BACKOFF_MAX_S = 10.0    # longest wait before restarting a child that keeps dying
 STABLE_S = 30.0         # a child alive this long resets its backoff
+REAP_S = 5.0            # after the children: how long their own children get to exit
+
+
+def child_argv(role: str) -> list[str]:
+    """``python -P -m imgpipe ROLE``. ``-P`` keeps the working directory off ``sys.path``:
+    run from a folder that has its own ``core/`` or ``gateway/``, a child still imports
+    imgpipe's."""
+    return [sys.executable, "-P", "-m", "imgpipe", role]
 
 
 @dataclass
@@ -92,7 +102,7 @@ class Supervisor:
 
     # --- children -------------------------------------------------------------------
     def _argv(self, role: str) -> list[str]:
-        return [sys.executable, "-m", "imgpipe", role]
+        return child_argv(role)
 
     def workers(self) -> list[Child]:
         return [c for c in self.children if c.role == "worker" and not c.retired]
@@ -144,14 +154,19 @@ class Supervisor:
 
     def _after_exit(self, child: Child, pid: int) -> None:
         if child.role == "worker":
-            from workers.shm import sweep
+            from imgpipe.workers.shm import sweep
 
             swept = sweep(pid)
             if swept:
                 log.info("swept %d shared-memory segment(s) of %s", swept, child.name)
 
     def stop(self) -> None:
-        """SIGTERM everyone, wait up to GRACE_S, SIGKILL the rest, sweep worker memory."""
+        """SIGTERM everyone, wait up to GRACE_S, SIGKILL the rest, sweep worker memory.
+
+        Returns only when every descendant is gone: a child's own children (gunicorn's
+        workers, a worker's filter processes, Streamlit's) may outlive it by a moment,
+        so they are waited for too, then killed past REAP_S."""
+        family = _descendants()
         for child in self.children:
             child.retired = True
             self._terminate(child)
@@ -165,6 +180,8 @@ class Supervisor:
                 log.warning("%s did not stop in %.0f s: SIGKILL", child.name, GRACE_S)
                 child.proc.kill()
                 child.proc.wait()
+        sessions = {pid for child in self.children for pid in child.history}
+        _reap(family, sessions)
         for child in self.children:
             if child.role == "worker":
                 for pid in child.history:
@@ -257,6 +274,41 @@ class Supervisor:
             "  stop with Ctrl-C",
         ]
         print("\n".join(lines), flush=True)
+
+
+def _descendants() -> list[psutil.Process]:
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _still_running(family: list[psutil.Process], sessions: set[int]) -> list[psutil.Process]:
+    """Who of ``family``, or of any process in one of ``sessions`` (each child leads its
+    own), still runs. Zombies count as gone: their parent, not us, must reap them."""
+    found = {p.pid: p for p in family}
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if p.pid != os.getpid() and os.getsid(p.pid) in sessions:
+                found.setdefault(p.pid, p)
+    alive = []
+    for p in found.values():
+        with contextlib.suppress(psutil.Error):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+    return alive
+
+
+def _reap(family: list[psutil.Process], sessions: set[int]) -> None:
+    """Wait up to REAP_S for the rest of the process tree to exit, then SIGKILL it."""
+    deadline = time.monotonic() + REAP_S
+    while (left := _still_running(family, sessions)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling processes that are not our children: no event to wait on
+    for p in left:
+        log.warning("pid %d outlived its parent by %.0f s: SIGKILL", p.pid, REAP_S)
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(left, timeout=2.0)
 
 
 def main_up(argv: Sequence[str]) -> int:

@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.errors import ImgpipeError, ProtocolError
-from core.protocol import Done, Result
-from core.store import Store, task_id
+from imgpipe.core.errors import ImgpipeError, ProtocolError
+from imgpipe.core.protocol import Done, Result
+from imgpipe.core.records import task_id
+from imgpipe.core.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +88,11 @@ class ResultHandler:
     def _complete(self, res: Result, base: dict[str, Any]) -> Done:
         c = self.counters
         t0 = time.perf_counter()
-        path = self.store.write_output(res.job_id, res.n, res.format, res.payload)
         state = self.store.complete(
-            res.task_id, worker=res.worker, attempt=res.attempt, width=res.width,
-            height=res.height, nbytes=len(res.payload), content_type=res.content_type,
+            res.task_id, res.payload, worker=res.worker, attempt=res.attempt,
+            width=res.width, height=res.height, content_type=res.content_type,
             fmt=res.format, timings=res.timings)
         if state is None:
-            # Failed meanwhile (attempts exhausted): the written file belongs to nobody.
-            if self.store.output(res.job_id, res.n)["state"] == "failed":
-                path.unlink(missing_ok=True)
             return self._duplicate(res, base)
         c.write_ms.append((time.perf_counter() - t0) * 1000)
         c.written += 1

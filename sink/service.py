@@ -26,13 +26,13 @@ from typing import Any
 
 import zmq
 
-from core.config import Settings, add_settings_args, settings_from_args
-from core.errors import ProtocolError
-from core.protocol import Metric, Result, decode, encode_topic
-from core.runtime import serve
-from core.sockets import make_socket, start_authenticator
-from core.store import Store
-from sink.results import ResultHandler
+from imgpipe.core.config import Settings, add_settings_args, settings_from_args
+from imgpipe.core.errors import ProtocolError
+from imgpipe.core.protocol import Metric, Result, decode, encode_topic
+from imgpipe.core.runtime import serve
+from imgpipe.core.sockets import make_socket, start_authenticator
+from imgpipe.core.store import Store
+from imgpipe.sink.results import ResultHandler
 
 log = logging.getLogger(__name__)
 

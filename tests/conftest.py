@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import zmq
 
-from core.config import Settings
+from imgpipe.core.config import Settings
 from tests.support import make_settings
 
 

@@ -75,7 +75,7 @@ def png_bomb(side: int = 20000) -> bytes:
 
 def reference(data: bytes, ops: str) -> bytes:
     """decode -> apply_chain -> encode in this process, as a worker must do it."""
-    from filters import apply_chain, decode, encode, output_format, parse_chain, probe
+    from imgpipe.filters import apply_chain, decode, encode, output_format, parse_chain, probe
 
     chain = parse_chain(ops)
     info = probe(data)

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import zmq
 
-from bench.stack import free_port as free_port  # re-exported: the tests take it from here
-from core.config import Settings
+from imgpipe.bench.stack import free_port as free_port  # re-exported: the tests take it from here
+from imgpipe.core.config import Settings
 
 T = TypeVar("T")
 
@@ -51,12 +51,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def spawn(settings: Settings, command: str, *args: str, log: Path | None,
-          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+          env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
     """``python -m imgpipe <command> *args`` seeing ``settings`` (plus ``env``); its output
-    goes to ``log``, or nowhere when that is None."""
+    goes to ``log``, or nowhere when that is None. Run in ``cwd`` it is ``python -P``, as
+    the ``imgpipe`` script is: the working directory is not on its ``sys.path``."""
+    safe = ["-P"] if cwd is not None else []
     with open(log, "wb") if log else contextlib.nullcontext(subprocess.DEVNULL) as out:
-        return subprocess.Popen([sys.executable, "-m", "imgpipe", command, *args],
-                                env={**settings_env(settings), **(env or {})},
+        return subprocess.Popen([sys.executable, *safe, "-m", "imgpipe", command, *args],
+                                env={**settings_env(settings), **(env or {})}, cwd=cwd,
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -117,8 +119,9 @@ class Stack:
 
 
 def start_stack(settings: Settings, workers: int, *extra: str,
-                env: dict[str, str] | None = None) -> Stack:
-    """Start ``imgpipe up`` on ``settings``; return once /healthz is 200 with N workers.
+                env: dict[str, str] | None = None, cwd: Path | None = None) -> Stack:
+    """Start ``imgpipe up`` on ``settings`` (in ``cwd``, if given); return once /healthz
+    is 200 with N workers.
 
     Fails loudly (with the stack's log) when it does not get there in time.
     """
@@ -127,7 +130,7 @@ def start_stack(settings: Settings, workers: int, *extra: str,
     log_path = settings.data_dir.parent / "stack.log"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     proc = spawn(settings, "up", "--workers", str(workers), "--no-dashboard", *extra,
-                 log=log_path, env=env)
+                 log=log_path, env=env, cwd=cwd)
     stack = Stack(settings, proc, log_path)
 
     def healthy() -> bool:

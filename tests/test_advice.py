@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from core.advice import MAINTAIN, SCALE_DOWN, SCALE_UP, Autoscaler, recommend
+from imgpipe.core.advice import MAINTAIN, SCALE_DOWN, SCALE_UP, Autoscaler, recommend
 
 
 def m(alive: int = 0, busy: int = 0, queue: int = 0, in_flight: int = 0, rate: float = 0.0,

@@ -18,7 +18,7 @@ import pytest
 import zmq
 from PIL import Image
 
-from core.control import ask, supervisor_endpoint
+from imgpipe.core.control import ask, supervisor_endpoint
 from tests.images import jpeg
 from tests.support import wait_for
 

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import zmq
 
-from core.config import Settings
-from core.protocol import Reply, Request, decode, encode
-from core.sockets import make_socket
 from imgpipe import health
+from imgpipe.core.config import Settings
+from imgpipe.core.protocol import Reply, Request, decode, encode
+from imgpipe.core.sockets import make_socket
 from tests.support import free_port, settings_env, wait_for
 
 LONG = "60"  # a --timeout no failure path may wait out (the test's own timeout is 30 s)
@@ -326,9 +326,9 @@ def test_dashboard_probe_reads_streamlit_health(http_server: Callable[[Responder
     (["/usr/bin/python3", "-m", "imgpipe", "sink"], "sink"),
     (["imgpipe", "ventilator"], "ventilator"),
     (["/opt/venv/bin/python", "-m", "streamlit", "run",
-      "/opt/venv/lib/python3.11/site-packages/dashboard/app.py", "--server.port", "8501"],
+      "/opt/venv/lib/python3.11/site-packages/imgpipe/dashboard/app.py", "--server.port", "8501"],
      "dashboard"),
-    (["/opt/venv/bin/python", "/opt/venv/bin/gunicorn", "gateway.wsgi:app"], "gateway"),
+    (["/opt/venv/bin/python", "/opt/venv/bin/gunicorn", "imgpipe.gateway.wsgi:app"], "gateway"),
     (["gunicorn: master [imgpipe-gateway]"], "gateway"),
     (["/opt/venv/bin/python", "/opt/venv/bin/imgpipe", "health", "auto"], None),
     (["/sbin/docker-init", "--", "imgpipe", "up"], None),

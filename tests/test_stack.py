@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 import pytest
 
-from core.control import SUPERVISOR_FILE
+from imgpipe.core.control import SUPERVISOR_FILE
 from tests.support import settings_env, stop_stack, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

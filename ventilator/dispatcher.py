@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.config import Settings
-from core.protocol import Claim, Done, Event, Heartbeat, Metric
-from core.store import OpenTask
-from ventilator.registry import CLASSES, Registry
-from ventilator.steal import stealable
+from imgpipe.core.config import Settings
+from imgpipe.core.protocol import Claim, Done, Event, Heartbeat, Metric
+from imgpipe.core.records import OpenTask
+from imgpipe.ventilator.registry import CLASSES, Registry
+from imgpipe.ventilator.steal import stealable
 
 # Why an in-flight lease carries a shortened deadline.
 RECOVERED = "recovered"   # found `running` at start: a previous incarnation sent it

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from core.protocol import Heartbeat, Metric
+from imgpipe.core.protocol import Heartbeat, Metric
 
 CLASSES = ("light", "heavy")
 

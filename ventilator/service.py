@@ -30,9 +30,9 @@ from typing import Any
 
 import zmq
 
-from core.config import Settings, add_settings_args, settings_from_args
-from core.errors import ImgpipeError, ProtocolError
-from core.protocol import (
+from imgpipe.core.config import Settings, add_settings_args, settings_from_args
+from imgpipe.core.errors import ImgpipeError, ProtocolError
+from imgpipe.core.protocol import (
     TOPIC_CLAIM,
     TOPIC_DONE,
     TOPIC_HEARTBEAT,
@@ -51,11 +51,11 @@ from core.protocol import (
     encode,
     encode_topic,
 )
-from core.runtime import serve
-from core.sockets import TASK_BUFFER_BYTES, make_socket, start_authenticator
-from core.store import Store
-from ventilator.dispatcher import Action, Dispatcher, Fail
-from ventilator.registry import CLASSES
+from imgpipe.core.runtime import serve
+from imgpipe.core.sockets import TASK_BUFFER_BYTES, make_socket, start_authenticator
+from imgpipe.core.store import Store
+from imgpipe.ventilator.dispatcher import Action, Dispatcher, Fail
+from imgpipe.ventilator.registry import CLASSES
 
 log = logging.getLogger(__name__)
 

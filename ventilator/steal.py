@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ventilator.registry import CLASSES
+from imgpipe.ventilator.registry import CLASSES
 
 if TYPE_CHECKING:
-    from ventilator.dispatcher import Dispatcher, Entry
+    from imgpipe.ventilator.dispatcher import Dispatcher, Entry
 
 
 def stealable(d: Dispatcher, now: float) -> list[Entry]:

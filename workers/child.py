@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from filters import apply_chain, parse_chain
-from workers.shm import attach
+from imgpipe.filters import apply_chain, parse_chain
+from imgpipe.workers.shm import attach
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def main(conn: Connection, cv2_threads: int, test_hooks: bool) -> None:
 
     cv2.setNumThreads(cv2_threads)
     if test_hooks:
-        from filters.testing import enable_test_filters
+        from imgpipe.filters.testing import enable_test_filters
 
         enable_test_filters()
     maps = Mappings()

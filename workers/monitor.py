@@ -21,9 +21,9 @@ from typing import Any
 import psutil
 import zmq
 
-from core.config import Settings
-from core.protocol import STAGES, Event, Heartbeat, Message, Metric, Result, encode_topic
-from core.sockets import make_socket
+from imgpipe.core.config import Settings
+from imgpipe.core.protocol import STAGES, Event, Heartbeat, Message, Metric, Result, encode_topic
+from imgpipe.core.sockets import make_socket
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import FilterError, ImageError
-from core.protocol import Result, Task
-from filters import (
+from imgpipe.core.errors import FilterError, ImageError
+from imgpipe.core.protocol import Result, Task
+from imgpipe.filters import (
     MAX_FILTERS,
     EncodeParams,
     content_type,
@@ -32,8 +32,8 @@ from filters import (
     output_format,
     parse_chain,
 )
-from workers.pool import DeadlineExceeded, FilterFailed, FilterPool, PoolError, ProcessDied
-from workers.shm import Buffer, BufferSet
+from imgpipe.workers.pool import DeadlineExceeded, FilterFailed, FilterPool, PoolError, ProcessDied
+from imgpipe.workers.shm import Buffer, BufferSet
 
 log = logging.getLogger(__name__)
 

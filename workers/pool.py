@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from filters import DEFAULT_MAX_PIXELS
-from workers import child
+from imgpipe.filters import DEFAULT_MAX_PIXELS
+from imgpipe.workers import child
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class FilterPool:
                  start_method: str = "forkserver") -> None:
         self._mp: Any = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
-            self._mp.set_forkserver_preload(["workers.child"])
+            self._mp.set_forkserver_preload(["imgpipe.workers.child"])
         self._args = (cv2_threads, test_hooks)
         self._lock = threading.Lock()
         self._all: dict[int, _Member] = {}

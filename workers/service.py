@@ -34,16 +34,16 @@ from typing import Any
 
 import zmq
 
-from core.config import Settings, add_settings_args, settings_from_args
-from core.errors import ProtocolError
-from core.protocol import TOPIC_CLAIM, Claim, Result, Task, decode, encode, encode_topic
-from core.runtime import serve
-from core.sockets import TASK_BUFFER_BYTES, make_socket
-from workers.child import tune_malloc
-from workers.monitor import Monitor, Stats, worker_id
-from workers.pipeline import Options, process_task
-from workers.pool import FilterPool
-from workers.shm import BufferSet
+from imgpipe.core.config import Settings, add_settings_args, settings_from_args
+from imgpipe.core.errors import ProtocolError
+from imgpipe.core.protocol import TOPIC_CLAIM, Claim, Result, Task, decode, encode, encode_topic
+from imgpipe.core.runtime import serve
+from imgpipe.core.sockets import TASK_BUFFER_BYTES, make_socket
+from imgpipe.workers.child import tune_malloc
+from imgpipe.workers.monitor import Monitor, Stats, worker_id
+from imgpipe.workers.pipeline import Options, process_task
+from imgpipe.workers.pool import FilterPool
+from imgpipe.workers.shm import BufferSet
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
     """Serve tasks until ``stop`` is set; leave no process or shared memory behind."""
     stop = stop or threading.Event()
     if settings.test_hooks:
-        from filters.testing import enable_test_filters
+        from imgpipe.filters.testing import enable_test_filters
 
         enable_test_filters()
     tune_malloc()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench.bench import LOCAL_MODES, main
+from imgpipe.bench.bench import LOCAL_MODES, main
 
 TINY = ["--images", "2", "--size", "320x240", "--repeat", "1", "--probe", "0"]
 
@@ -64,7 +64,7 @@ def test_bad_ops_exit_2(tmp_path: Path) -> None:
 
 
 def test_input_folder_is_used(tmp_path: Path) -> None:
-    from bench.images import generate
+    from imgpipe.bench.images import generate
 
     for i, data in enumerate(generate(2, (200, 100))):
         (tmp_path / f"{i}.jpg").write_bytes(data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.client import check_target, is_loopback
+from imgpipe.bench.client import check_target, is_loopback
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://localhost:1", "http://[::1]:80"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.images import generate, load, parse_size
+from imgpipe.bench.images import generate, load, parse_size
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes() -> None:

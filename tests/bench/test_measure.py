@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bench.measure import ResourceMonitor, RunResult, percentile, summarize, timed_run
+from imgpipe.bench.measure import ResourceMonitor, RunResult, percentile, summarize, timed_run
 
 BURN = ("import time\n"
         "t = time.process_time()\n"

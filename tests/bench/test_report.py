@@ -8,7 +8,7 @@ from typing import Any
 from PIL import Image
 from rich.console import Console
 
-from bench import chart, report
+from imgpipe.bench import chart, report
 
 
 def mode(name: str, kind: str, rate: float, workers: int | None = None) -> dict[str, Any]:

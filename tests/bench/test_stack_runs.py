@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import stress
-from bench.bench import main as bench_main
-from bench.stack import LocalStack
+from imgpipe.bench import stress
+from imgpipe.bench.bench import main as bench_main
+from imgpipe.bench.stack import LocalStack
 
 pytestmark = pytest.mark.slow
 SMALL = ["--size", "320x240", "--ops", "resize:w=160|blur:radius=1"]
@@ -85,7 +85,7 @@ def test_stress_continuous(stack: LocalStack, tmp_path: Path) -> None:
 
 
 def test_stress_burst_against_nothing_fails(tmp_path: Path) -> None:
-    from bench.stack import free_port
+    from imgpipe.bench.stack import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     assert stress.main(["burst", "2", "--url", url, "--timeout", "5", *SMALL]) == 1

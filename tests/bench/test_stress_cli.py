@@ -7,8 +7,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bench import chaos, stress
-from bench.load import LoadSummary, Submission
+from imgpipe.bench import chaos, stress
+from imgpipe.bench.load import LoadSummary, Submission
 
 
 @pytest.mark.parametrize("args", [

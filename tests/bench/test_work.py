@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench import work
-from bench.images import generate
-from core.errors import FilterError
+from imgpipe.bench import work
+from imgpipe.bench.images import generate
+from imgpipe.core.errors import FilterError
 
 OPS = "resize:w=160,h=90|blur:radius=2|brightness:factor=1.1|encode:format=jpeg,quality=85"
 

@@ -22,8 +22,8 @@ from unittest import mock
 
 import yaml
 
-from core.config import Settings
 from imgpipe.cli import COMMANDS
+from imgpipe.core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"

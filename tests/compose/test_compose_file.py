@@ -18,8 +18,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from core.config import Settings
 from imgpipe.cli import COMMANDS
+from imgpipe.core.config import Settings
 from tests.compose.files import (
     BINDER,
     COMPOSE_DIR,

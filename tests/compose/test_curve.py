@@ -17,8 +17,8 @@ import pytest
 import zmq
 import zmq.auth
 
-from core.config import Settings
-from core.sockets import make_socket, start_authenticator
+from imgpipe.core.config import Settings
+from imgpipe.core.sockets import make_socket, start_authenticator
 from tests.support import free_port, make_settings, recv
 
 QUIET_S = 1.0  # how long "nothing delivered" is watched for
@@ -82,8 +82,15 @@ def server(zctx: zmq.Context[Any], keys: Keys, endpoint: str,
 
 
 def push(zctx: zmq.Context[Any], settings: Settings, endpoint: str) -> zmq.Socket[Any]:
+    """A PUSH that has sent one message, as soon as it could (up to 5 s: a refused peer
+    may never get a pipe to send on, which delivers nothing either)."""
     sock = make_socket(zctx, zmq.PUSH, settings, connect=endpoint)
-    sock.send_multipart([b"header", b"payload"], flags=zmq.NOBLOCK)
+    try:
+        if sock.poll(5000, zmq.POLLOUT):
+            sock.send_multipart([b"header", b"payload"], flags=zmq.NOBLOCK)
+    except BaseException:
+        sock.close(linger=0)
+        raise
     return sock
 
 

@@ -10,9 +10,9 @@ import tomllib
 
 import pytest
 
-from core.config import Settings
 from imgpipe.cli import COMMANDS
 from imgpipe.cli import main as cli_main
+from imgpipe.core.config import Settings
 from tests.compose.files import (
     COMPOSE_FILE,
     DOCKERFILE,

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import Settings, add_settings_args, parse_range, settings_from_args
-from core.errors import ConfigError
+from imgpipe.core.config import Settings, add_settings_args, parse_range, settings_from_args
+from imgpipe.core.errors import ConfigError
 
 
 def test_defaults_validate_and_match_design() -> None:

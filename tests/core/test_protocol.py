@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 import zmq
 
-from core.errors import ProtocolError
-from core.protocol import (
+from imgpipe.core.errors import ProtocolError
+from imgpipe.core.protocol import (
     TOPIC_HEARTBEAT,
     VERSION,
     Claim,

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import zmq
 
-from core.sockets import bound_endpoint, make_socket
+from imgpipe.core.sockets import bound_endpoint, make_socket
+from imgpipe.ventilator.service import TASK_OPTIONS as SEND_OPTIONS
+from imgpipe.workers.service import TASK_OPTIONS as RECEIVE_OPTIONS
 from tests.support import make_settings, wait_for
-from ventilator.service import TASK_OPTIONS as SEND_OPTIONS
-from workers.service import TASK_OPTIONS as RECEIVE_OPTIONS
 
 TASK = os.urandom(1_700_000)  # about one 4K JPEG
 

@@ -5,31 +5,41 @@ from pathlib import Path
 
 import pytest
 
-from core.store import NotFound, Store, check_id, new_job_id, split_task_id, task_id
+from imgpipe.core.blobs import Blobs
+from imgpipe.core.records import (
+    Counts,
+    ImageInfo,
+    NotFound,
+    check_id,
+    new_job_id,
+    split_task_id,
+    task_id,
+)
+from imgpipe.core.store import Store
 
 
 def make_job(store: Store, images: int = 2, chains: int = 3) -> str:
     job = new_job_id()
     for i in range(images):
         store.save_original(job, i, "jpeg", b"\xff\xd8img%d" % i)
-    store.create_job(job, [("jpeg", 10, 8, 6)] * images,
+    store.create_job(job, [ImageInfo("jpeg", 10, 8, 6)] * images,
                      [(f"resize:w={c + 1}", "light") for c in range(chains)])
     return job
 
 
-def test_job_document_is_image_major(tmp_path: Path) -> None:
+def test_job_outputs_are_image_major(tmp_path: Path) -> None:
     store = Store(tmp_path)
     job = make_job(store)
-    doc = store.job(job)
-    assert doc["state"] == "queued" and doc["finished"] is None
-    assert doc["progress"] == {"done": 0, "failed": 0, "total": 6}
-    assert [(o["n"], o["image"], o["ops"]) for o in doc["outputs"]] == [
-        (0, 0, "resize:w=1"), (1, 0, "resize:w=2"), (2, 0, "resize:w=3"),
-        (3, 1, "resize:w=1"), (4, 1, "resize:w=2"), (5, 1, "resize:w=3")]
-    assert doc["outputs"][4]["url"] == f"/api/jobs/{job}/outputs/4"
-    assert set(doc["outputs"][0]["timings_ms"]) == {"queue", "decode", "filters", "encode",
-                                                    "total"}
+    rec = store.job(job)
+    assert rec.state == "queued" and rec.finished is None
+    assert (rec.done, rec.failed, rec.total) == (0, 0, 6)
+    assert [(o.n, o.image, o.ops, o.task_id) for o in rec.outputs] == [
+        (0, 0, "resize:w=1", f"{job}:0"), (1, 0, "resize:w=2", f"{job}:1"),
+        (2, 0, "resize:w=3", f"{job}:2"), (3, 1, "resize:w=1", f"{job}:3"),
+        (4, 1, "resize:w=2", f"{job}:4"), (5, 1, "resize:w=3", f"{job}:5")]
+    assert set(rec.outputs[0].timings_ms) == {"queue", "decode", "filters", "encode", "total"}
     assert store.read_original(job, 1) == b"\xff\xd8img1"
+    assert store.recent_jobs(5) == [rec]
 
 
 def test_first_completion_wins_and_job_state_follows(tmp_path: Path) -> None:
@@ -38,23 +48,26 @@ def test_first_completion_wins_and_job_state_follows(tmp_path: Path) -> None:
     t0, t1 = task_id(job, 0), task_id(job, 1)
     assert store.mark_dispatched(t0, 1)
     assert store.job_state(job) == "running"
-    meta = dict(worker="w1", attempt=1, width=1, height=1, nbytes=3, content_type="image/png",
+    meta = dict(worker="w1", attempt=1, width=1, height=1, content_type="image/png",
                 fmt="png", timings={"total": 5.0, "bogus": 1.0})
-    assert store.complete(t0, **meta) == "running"
-    assert store.complete(t0, **{**meta, "worker": "w2"}) is None  # duplicate
+    assert store.complete(t0, b"png", **meta) == "running"  # type: ignore[arg-type]
+    assert store.complete(t0, b"png2", **{**meta, "worker": "w2"}) is None  # type: ignore[arg-type]
     assert store.fail(t0, "late") is None
     assert not store.mark_dispatched(t0, 2)  # final outputs are never dispatched again
     assert store.fail(t1, "corrupt image", attempt=1) == "partial"
-    doc = store.job(job)
-    assert doc["outputs"][0]["worker"] == "w1" and doc["outputs"][0]["timings_ms"]["total"] == 5
-    assert doc["outputs"][1]["error"] == "corrupt image"
-    assert doc["finished"] is not None and doc["progress"]["failed"] == 1
+    rec = store.job(job)
+    first = rec.outputs[0]
+    assert (first.worker, first.nbytes, first.timings_ms["total"]) == ("w1", 3, 5)
+    assert rec.outputs[1].error == "corrupt image"
+    assert rec.finished is not None and rec.failed == 1
+    with store.open_output(first) as fh:
+        assert fh.read() == b"png2"  # the duplicate's file write is harmless: same output
 
 
 def test_job_states_done_and_failed(tmp_path: Path) -> None:
     store = Store(tmp_path)
     ok, bad = make_job(store, 1, 1), make_job(store, 1, 1)
-    store.complete(task_id(ok, 0), worker="w", attempt=1, width=1, height=1, nbytes=1,
+    store.complete(task_id(ok, 0), b"x", worker="w", attempt=1, width=1, height=1,
                    content_type="image/png", fmt="png", timings={})
     store.fail(task_id(bad, 0), "lost on 3 attempts")
     assert store.job_state(ok) == "done" and store.job_state(bad) == "failed"
@@ -65,7 +78,7 @@ def test_open_tasks_and_counts(tmp_path: Path) -> None:
     job = make_job(store, images=1, chains=3)
     store.mark_dispatched(task_id(job, 1), 1)
     store.fail(task_id(job, 2), "x")
-    assert store.counts() == {"queued": 1, "running": 1}
+    assert store.counts() == Counts(queued=1, running=1)
     assert store.open_count() == 2
     assert [t.n for t in store.open_tasks()] == [0, 1]
     assert [t.n for t in store.open_tasks(states=("running",))] == [1]
@@ -96,10 +109,10 @@ def test_unknown_job_and_task_ids(tmp_path: Path) -> None:
 
 
 def test_outputs_are_written_atomically(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    job = make_job(store, 1, 1)
-    path = store.write_output(job, 0, "png", b"first")
-    store.write_output(job, 0, "png", memoryview(b"second"))
+    blobs = Blobs(tmp_path)
+    job = new_job_id()
+    path = blobs.write_output(job, 0, "png", b"first")
+    blobs.write_output(job, 0, "png", memoryview(b"second"))
     assert path.read_bytes() == b"second"
     assert [p.name for p in path.parent.iterdir()] == ["0.png"]  # no temp files left
 
@@ -112,8 +125,8 @@ def test_concurrent_writers_from_threads_and_a_second_store(tmp_path: Path) -> N
     def finish(store: Store, n: int) -> None:
         try:
             for job in jobs:
-                store.complete(task_id(job, n), worker=f"w{n}", attempt=1, width=1, height=1,
-                               nbytes=1, content_type="image/png", fmt="png", timings={})
+                store.complete(task_id(job, n), b"x", worker=f"w{n}", attempt=1, width=1,
+                               height=1, content_type="image/png", fmt="png", timings={})
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -125,4 +138,4 @@ def test_concurrent_writers_from_threads_and_a_second_store(tmp_path: Path) -> N
         t.join(30)
     assert not errors
     assert all(a.job_state(j) == "done" for j in jobs)
-    assert a.totals()["done"] == 20
+    assert a.totals().done == 20

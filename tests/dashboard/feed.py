@@ -7,7 +7,7 @@ from typing import Any
 
 import zmq
 
-from core.protocol import Event, Heartbeat, Metric, encode_topic
+from imgpipe.core.protocol import Event, Heartbeat, Metric, encode_topic
 
 
 def heartbeat(worker: str, seq: int, *, state: str = "idle", done: int = 0, pid: int = 4242,

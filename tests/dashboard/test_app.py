@@ -13,10 +13,10 @@ import streamlit as st
 import zmq
 from streamlit.testing.v1 import AppTest
 
-from core.config import Settings
-from core.control import SUPERVISOR_FILE
-from core.protocol import Reply, Request, decode, encode
-from core.sockets import make_socket
+from imgpipe.core.config import Settings
+from imgpipe.core.control import SUPERVISOR_FILE
+from imgpipe.core.protocol import Reply, Request, decode, encode
+from imgpipe.core.sockets import make_socket
 from tests.dashboard.feed import event, heartbeat, metric, publish
 from tests.support import settings_env, wait_for
 

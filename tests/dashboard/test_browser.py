@@ -22,7 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from core.config import Settings
+from imgpipe.core.config import Settings
 from tests.support import settings_env, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

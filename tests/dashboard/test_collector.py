@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import zmq
 
-from core.config import Settings
-from core.sockets import make_socket
-from dashboard.collector import Collector, SeqTracker
-from dashboard.fleet import GATEWAY_STAGES
+from imgpipe.core.config import Settings
+from imgpipe.core.sockets import make_socket
+from imgpipe.dashboard.collector import Collector, SeqTracker
+from imgpipe.dashboard.fleet import GATEWAY_STAGES
 from tests.dashboard.feed import event, heartbeat, metric, publish
 from tests.support import free_port, wait_for
 

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 
-from core.advice import SCALE_UP, recommend
-from core.config import Settings
-from dashboard import charts, views
-from dashboard.charts import Chart
-from dashboard.collector import Collector, Snapshot
+from imgpipe.core.advice import SCALE_UP, recommend
+from imgpipe.core.config import Settings
+from imgpipe.dashboard import charts, views
+from imgpipe.dashboard.charts import Chart
+from imgpipe.dashboard.collector import Collector, Snapshot
 from tests.dashboard.feed import event, heartbeat, metric
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from core.errors import FilterError, ImageTooLarge
-from filters import (
+from imgpipe.core.errors import FilterError, ImageTooLarge
+from imgpipe.filters import (
     REGISTRY,
     Chain,
     EncodeParams,
@@ -138,7 +138,7 @@ def test_max_filters_is_configurable() -> None:
 
 
 def test_params_check_themselves_when_built_directly() -> None:
-    from filters.effects import BlurParams
+    from imgpipe.filters.effects import BlurParams
 
     with pytest.raises(ParamError) as info:
         BlurParams(radius=500)

@@ -7,9 +7,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.errors import FilterError
-from filters import REGISTRY, parse_chain
-from filters.params import ParamInfo, infos
+from imgpipe.core.errors import FilterError
+from imgpipe.filters import REGISTRY, parse_chain
+from imgpipe.filters.params import ParamInfo, infos
 from tests.filters.images import DESIGN_FILTERS
 
 NAMES = sorted(DESIGN_FILTERS - {"encode"})

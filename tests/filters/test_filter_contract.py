@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from filters import REGISTRY, apply_chain, parse_chain
+from imgpipe.filters import REGISTRY, apply_chain, parse_chain
 from tests.filters.images import DESIGN_FILTERS, photo
 
 # Chains run on every image kind; together they name every registered filter.

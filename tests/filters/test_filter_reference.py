@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from filters import apply_chain, parse_chain
+from imgpipe.filters import apply_chain, parse_chain
 from tests.filters.images import Pixels, from_pil, photo, psnr, to_pil
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from core.errors import ImageError, ImageTooLarge
-from filters import (
+from imgpipe.core.errors import ImageError, ImageTooLarge
+from imgpipe.filters import (
     apply_chain,
     check_pixels,
     content_type,

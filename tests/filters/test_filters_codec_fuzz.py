@@ -6,8 +6,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.errors import ImageError
-from filters import decode, probe
+from imgpipe.core.errors import ImageError
+from imgpipe.filters import decode, probe
 from tests.filters.images import photo, save, to_pil
 
 SAMPLES = [save(to_pil(photo(12, 16)), fmt) for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP")]

@@ -17,12 +17,12 @@ import pytest
 import zmq
 from falcon import testing
 
-from core.config import Settings
-from core.protocol import Reply, Request, decode, encode
-from core.sockets import make_socket
-from core.store import Store
-from gateway.app import create_app
-from gateway.pipeline import Pipeline
+from imgpipe.core.config import Settings
+from imgpipe.core.protocol import Reply, Request, decode, encode
+from imgpipe.core.sockets import make_socket
+from imgpipe.core.store import Store
+from imgpipe.gateway.app import create_app
+from imgpipe.gateway.pipeline import Pipeline
 
 
 class Gateway:

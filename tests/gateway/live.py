@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from core.config import Settings
+from imgpipe.core.config import Settings
 from tests.support import free_port, settings_env
 
 

@@ -8,7 +8,7 @@ import pytest
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.config import Settings
+from imgpipe.core.config import Settings
 from tests.gateway import images as im
 from tests.gateway.test_jobs import finish
 

@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 import zmq
 
-from core.config import Settings
-from core.protocol import Done, Metric, Notice, decode, decode_topic, encode_topic
-from core.sockets import make_socket
-from core.store import Store, task_id
-from gateway import pipeline as pipeline_mod
-from gateway.pipeline import Pipeline, percentiles
+from imgpipe.core.config import Settings
+from imgpipe.core.protocol import Done, Metric, Notice, decode, decode_topic, encode_topic
+from imgpipe.core.records import task_id
+from imgpipe.core.sockets import make_socket
+from imgpipe.core.store import Store
+from imgpipe.gateway import pipeline as pipeline_mod
+from imgpipe.gateway.pipeline import Pipeline, percentiles
 from tests.gateway import images as im
 from tests.support import recv, wait_for
 
@@ -32,8 +33,7 @@ def finish(store: Store, job_id: str, n: int, data: bytes = b"\xff\xd8fake\xff\x
     tid = task_id(job_id, n)
     if not ok:
         return store.fail(tid, "corrupt JPEG data: premature end", worker="w-1", attempt=1)
-    store.write_output(job_id, n, "jpeg", data)
-    return store.complete(tid, worker="w-1", attempt=1, width=8, height=6, nbytes=len(data),
+    return store.complete(tid, data, worker="w-1", attempt=1, width=8, height=6,
                           content_type="image/jpeg", fmt="jpeg",
                           timings={"queue": 1.0, "decode": 2.0, "filters": 3.0,
                                    "encode": 4.0, "total": 10.0})
@@ -111,10 +111,10 @@ class FakeSink:
 
     def run(self) -> None:
         jobs = wait_for(lambda: self.store.recent_jobs(1), 10, what="a job")
-        doc = self.store.job(jobs[0]["id"])
-        for out in doc["outputs"]:
-            state = finish(self.store, doc["id"], out["n"], ok=self.ok)
-            msg = Done(task_id=task_id(doc["id"], out["n"]), job_id=doc["id"], n=out["n"],
+        job = jobs[0]
+        for out in job.outputs:
+            state = finish(self.store, job.id, out.n, ok=self.ok)
+            msg = Done(task_id=out.task_id, job_id=job.id, n=out.n,
                        state="done" if self.ok else "failed", job_state=state or "")
         # PUB drops until the gateway's SUB has joined: repeat until told to stop.
         while not self.stop.wait(0.05):
@@ -220,7 +220,7 @@ def test_backpressure_refuses_with_retry_after_and_records_nothing(
     assert refused.status_code == 503
     assert refused.json["error"] == "queue_full"
     assert int(refused.headers["retry-after"]) >= 1
-    assert gw.store.totals()["jobs"] == 1
+    assert gw.store.totals().jobs == 1
     assert list((gw.store.root / "tmp").glob("up-*")) == []
     assert len(list((gw.store.root / "originals").iterdir())) == 1
     for n in range(3):

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gateway.upload import BodyReader
+from imgpipe.gateway.upload import BodyReader
 from tests.gateway import images as im
 
 MB = 1024 * 1024
@@ -102,7 +102,7 @@ def test_bad_input_gets_its_status_and_a_json_error(gateway: Any, case: Case) ->
     assert isinstance(doc.get("detail"), str) and doc["detail"]
     if case.field is not None:
         assert doc.get("field") == case.field, doc
-    assert gateway.store.totals()["jobs"] == 0
+    assert gateway.store.totals().jobs == 0
     assert list((gateway.store.root / "tmp").glob("up-*")) == [], "temp files left behind"
 
 
@@ -159,14 +159,14 @@ def test_a_body_over_the_limit_without_content_length_is_413(settings: Any,
         "POST", "/api/process/", headers={"Content-Type": ctype},
         extras={"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": ""})
     assert res.status_code == 413, res.text
-    assert gw.store.totals()["jobs"] == 0
+    assert gw.store.totals().jobs == 0
 
 
 def test_an_unexpected_exception_is_a_json_500_and_falcon_errors_keep_their_status() -> None:
     import falcon
     from falcon import testing
 
-    from gateway import errors
+    from imgpipe.gateway import errors
 
     class Boom:
         def on_get(self, req: Any, resp: Any) -> None:

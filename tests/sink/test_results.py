@@ -6,17 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import ProtocolError
-from core.protocol import Result
-from core.store import Store, new_job_id, task_id
-from sink.results import ResultHandler
+from imgpipe.core.errors import ProtocolError
+from imgpipe.core.protocol import Result
+from imgpipe.core.records import ImageInfo, new_job_id, task_id
+from imgpipe.core.store import Store
+from imgpipe.sink.results import ResultHandler
 
 
 def make_job(store: Store, chains: int = 2) -> str:
     job = new_job_id()
     store.save_original(job, 0, "png", b"orig")
-    store.create_job(job, [("png", 4, 4, 4)], [(f"resize:w={c + 1}", "light")
-                                               for c in range(chains)])
+    store.create_job(job, [ImageInfo("png", 4, 4, 4)], [(f"resize:w={c + 1}", "light")
+                                                        for c in range(chains)])
     return job
 
 
@@ -39,8 +40,8 @@ def test_first_result_wins_and_later_ones_are_duplicates(tmp_path: Path) -> None
     assert late.state == "duplicate"
     path = store.output_path(job, 0, "png")
     assert path.read_bytes() == b"first"
-    row = store.output(job, 0)
-    assert (row["state"], row["worker"], row["attempts"], row["bytes"]) == ("done", "w1", 1, 5)
+    out = store.output(job, 0)
+    assert (out.state, out.worker, out.attempts, out.nbytes) == ("done", "w1", 1, 5)
     snap = h.counters.snapshot()
     assert (snap["results"], snap["written"], snap["duplicates"], snap["bytes"]) == (2, 1, 1, 5)
     assert snap["write_ms_max"] > 0 and h.counters.snapshot()["write_ms_max"] == 0.0
@@ -52,10 +53,10 @@ def test_retry_leaves_the_output_open_and_a_plain_failure_is_final(tmp_path: Pat
     h = ResultHandler(store)
     back = h.handle(result(job, 0, ok=False, retry=True, error="filter process died"))
     assert (back.state, back.error) == ("retry", "filter process died")
-    assert store.output(job, 0)["state"] == "queued"
+    assert store.output(job, 0).state == "queued"
     bad = h.handle(result(job, 1, ok=False, error="corrupt JPEG"))
     assert (bad.state, bad.job_state) == ("failed", "running")
-    assert store.output(job, 1)["error"] == "corrupt JPEG"
+    assert store.output(job, 1).error == "corrupt JPEG"
     assert h.handle(result(job, 0)).job_state == "partial"
     assert h.handle(result(job, 1)).state == "duplicate"
     assert not store.output_path(job, 1, "png").exists()
@@ -70,7 +71,7 @@ def test_a_result_for_an_output_failed_meanwhile_leaves_no_file(
     done = ResultHandler(store).handle(result(job, 0))
     assert done.state == "duplicate"
     assert not store.output_path(job, 0, "png").exists()
-    assert store.output(job, 0)["state"] == "failed"
+    assert store.output(job, 0).state == "failed"
 
 
 def test_mismatched_ids_are_refused(tmp_path: Path) -> None:
@@ -80,13 +81,15 @@ def test_mismatched_ids_are_refused(tmp_path: Path) -> None:
     res.n = 1
     with pytest.raises(ProtocolError):
         ResultHandler(store).handle(res)
-    assert store.output(job, 1)["state"] == "queued"
+    assert store.output(job, 1).state == "queued"
 
 
 def test_half_written_files_of_a_killed_sink_are_removed_at_start(tmp_path: Path) -> None:
     store = Store(tmp_path)
     job = make_job(store)
-    kept = store.write_output(job, 0, "png", b"done")
+    h = ResultHandler(store)
+    assert h.handle(result(job, 0, payload=b"done")).state == "done"
+    kept = store.output_path(job, 0, "png")
     orphan = kept.parent / ".tmp-abc123"
     orphan.write_bytes(b"half")
     assert store.remove_partial_outputs() == 1

@@ -17,11 +17,12 @@ import numpy as np
 import zmq
 from PIL import Image
 
-from core.config import Settings
-from core.control import ask
-from core.protocol import decode_topic
-from core.store import Store, new_job_id
-from filters import parse_chain
+from imgpipe.core.config import Settings
+from imgpipe.core.control import ask
+from imgpipe.core.protocol import decode_topic
+from imgpipe.core.records import FINAL_JOB, ImageInfo, Output, new_job_id
+from imgpipe.core.store import Store
+from imgpipe.filters import parse_chain
 from tests.support import spawn, wait_for
 
 
@@ -84,24 +85,24 @@ def make_job(store: Store, images: int, chains: list[str], seed: int = 0) -> str
     for i in range(images):
         data = jpeg(seed * 100 + i)
         store.save_original(job, i, "jpeg", data)
-        infos.append(("jpeg", 96, 64, len(data)))
+        infos.append(ImageInfo("jpeg", 96, 64, len(data)))
     parsed = [parse_chain(c) for c in chains]
     store.create_job(job, infos, [(c.canonical(), c.cost) for c in parsed])
     return job
 
 
-def outputs(store: Store, jobs: list[str]) -> list[dict[str, Any]]:
-    return [o for job in jobs for o in store.job(job)["outputs"]]
+def outputs(store: Store, jobs: list[str]) -> list[Output]:
+    return [o for job in jobs for o in store.job(job).outputs]
 
 
 def wait_final(store: Store, jobs: list[str], timeout: float, procs: Procs) -> None:
     def all_final() -> bool:
-        return all(store.job(j)["state"] in ("done", "failed", "partial") for j in jobs)
+        return all(store.job_state(j) in FINAL_JOB for j in jobs)
 
     try:
         wait_for(all_final, timeout, interval=0.2, what="every job final")
     except AssertionError as exc:
-        states = [o["state"] for o in outputs(store, jobs)]
+        states = [o.state for o in outputs(store, jobs)]
         raise AssertionError(f"{exc}; output states {sorted(set(states))} "
                              f"{ {s: states.count(s) for s in set(states)} }\n"
                              f"{procs.log_tail()}") from None
@@ -125,16 +126,16 @@ def bus_messages(sock: zmq.Socket[Any]) -> Iterator[Any]:
         yield decode_topic(frames)
 
 
-def check_exactly_once(store: Store, jobs: list[str]) -> list[dict[str, Any]]:
+def check_exactly_once(store: Store, jobs: list[str]) -> list[Output]:
     """Every output done, with one file that decodes at its recorded size, no temp file."""
     outs = outputs(store, jobs)
-    assert [o["state"] for o in outs] == ["done"] * len(outs), \
-        [(o["n"], o["state"], o["error"]) for o in outs if o["state"] != "done"]
+    assert [o.state for o in outs] == ["done"] * len(outs), \
+        [(o.n, o.state, o.error) for o in outs if o.state != "done"]
     for job in jobs:
-        doc = store.job(job)
-        files = sorted(p.name for p in (store.root / "outputs" / job).iterdir())
-        assert files == sorted(f"{o['n']}.jpg" for o in doc["outputs"]), files
-        for o in doc["outputs"]:
-            with Image.open(store.output_path(job, o["n"], "jpeg")) as img:
-                assert img.size == (o["width"], o["height"]) == (64, 43)
+        rec = store.job(job)
+        files = sorted(p.name for p in store.output_path(job, 0, "jpeg").parent.iterdir())
+        assert files == sorted(f"{o.n}.jpg" for o in rec.outputs), files
+        for o in rec.outputs:
+            with Image.open(store.output_path(job, o.n, "jpeg")) as img:
+                assert img.size == (o.width, o.height) == (64, 43)
     return outs

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from core.config import Settings
-from core.protocol import Claim, Done, Event, Heartbeat, Metric
-from core.store import OpenTask
-from ventilator.dispatcher import Dispatcher, Fail
+from imgpipe.core.config import Settings
+from imgpipe.core.protocol import Claim, Done, Event, Heartbeat, Metric
+from imgpipe.core.records import OpenTask
+from imgpipe.ventilator.dispatcher import Dispatcher, Fail
 
 JOB = "0f5a1c2e-3b4d-4e6f-8a9b-0c1d2e3f4a5b"
 S = Settings(task_timeout_s=60.0, max_attempts=3, heartbeat_interval_s=1.0,

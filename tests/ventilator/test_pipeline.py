@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 import zmq
 
-from core.config import Settings
-from core.errors import ImgpipeError
-from core.protocol import TOPIC_DONE, TOPIC_EVENT, Done, Event
-from core.sockets import make_socket
-from core.store import Store
+from imgpipe.core.config import Settings
+from imgpipe.core.errors import ImgpipeError
+from imgpipe.core.protocol import TOPIC_DONE, TOPIC_EVENT, Done, Event
+from imgpipe.core.records import Output
+from imgpipe.core.sockets import make_socket
+from imgpipe.core.store import Store
 from tests.support import make_settings, short_dir, wait_for
 from tests.ventilator.procs import (
     Procs,
@@ -101,7 +102,7 @@ class Pipeline:
         except ImgpipeError:
             return []
 
-    def wait(self, jobs: list[str], timeout: float = 90) -> list[dict[str, Any]]:
+    def wait(self, jobs: list[str], timeout: float = 90) -> list[Output]:
         wait_final(self.store, jobs, timeout, self.procs)
         wait_for(lambda: self.settle(jobs), 10, what="the ventilator idle")
         outs = check_exactly_once(self.store, jobs)
@@ -115,7 +116,7 @@ class Pipeline:
         return bool(stats["inflight"] == 0 and stats["queue_depth"] == 0)
 
     def done_count(self) -> int:
-        return int(self.store.totals()["done"])
+        return int(self.store.totals().done)
 
 
 @pytest.fixture
@@ -143,7 +144,7 @@ def test_routing_by_cost_class_and_the_control_ops(pipe: Pipeline) -> None:
     heavy = pipe.workers(1, "--serves", "heavy")[0]
     jobs = [make_job(pipe.store, 4, [LIGHT, HEAVY], seed=i) for i in range(3)]
     outs = pipe.wait(jobs)
-    by_class = {(o["ops"], o["worker"]) for o in outs}
+    by_class = {(o.ops, o.worker) for o in outs}
     assert by_class == {(LIGHT, light), (HEAVY, heavy)}, by_class
 
     ping = ask_ok(pipe.ctx, pipe.settings, "ping")
@@ -165,7 +166,7 @@ def test_a_class_nobody_serves_falls_back_to_live_workers(pipe: Pipeline) -> Non
     only = pipe.workers(1, "--serves", "light")[0]
     jobs = [make_job(pipe.store, 3, [HEAVY, LIGHT])]
     outs = pipe.wait(jobs)
-    assert {o["worker"] for o in outs} == {only}
+    assert {o.worker for o in outs} == {only}
 
 
 def test_a_slow_worker_gets_fewer_tasks_even_when_it_connected_first(pipe: Pipeline) -> None:
@@ -175,7 +176,7 @@ def test_a_slow_worker_gets_fewer_tasks_even_when_it_connected_first(pipe: Pipel
     jobs = [make_job(pipe.store, 20, [LIGHT, "resize:w=64|grayscale"], seed=i)
             for i in range(2)]
     outs = pipe.wait(jobs)
-    got = Counter(o["worker"] for o in outs)
+    got = Counter(o.worker for o in outs)
     assert sum(got.values()) == 80 and set(got) <= {slow, *fast}
     assert got[slow] <= 16, got  # no batch pre-assigned to the first pipe
     assert all(got[f] > 2 * got[slow] for f in fast), got
@@ -194,7 +195,7 @@ def test_a_killed_worker_loses_nothing(pipe: Pipeline) -> None:
     assert holding
     pipe.procs.kill("victim", signal.SIGKILL)
     outs = pipe.wait(jobs)
-    assert any(o["attempts"] >= 2 for o in outs)
+    assert any(o.attempts >= 2 for o in outs)
     stats = ask_ok(pipe.ctx, pipe.settings, "stats")
     assert stats["lost_tasks"] >= 1 and stats["failed_tasks"] == 0
     assert stats["workers"]["lost"] == 1
@@ -217,12 +218,12 @@ def test_a_killed_and_restarted_stable_node_loses_nothing(pipe: Pipeline, victim
     assert stats["failed_tasks"] == 0
     if victim == "ventilator":
         assert stats["recovered"] >= 1  # running outputs were leased, not resent blindly
-    attempts = Counter(o["attempts"] for o in outputs(pipe.store, jobs))
+    attempts = Counter(o.attempts for o in outputs(pipe.store, jobs))
     assert max(attempts) <= 3, attempts
 
 
 def test_the_chains_used_here_have_the_classes_the_routing_tests_assume() -> None:
-    from filters import parse_chain
+    from imgpipe.filters import parse_chain
 
     assert parse_chain(LIGHT).cost == "light"
     assert parse_chain(HEAVY).cost == "heavy"

@@ -4,10 +4,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from filters import REGISTRY
-from filters.testing import enable_test_filters
-from workers.pool import FilterPool
-from workers.shm import BufferSet
+from imgpipe.filters import REGISTRY
+from imgpipe.filters.testing import enable_test_filters
+from imgpipe.workers.pool import FilterPool
+from imgpipe.workers.shm import BufferSet
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from typing import Any
 
 import zmq
 
-from core.config import Settings
-from core.protocol import (
+from imgpipe.core.config import Settings
+from imgpipe.core.protocol import (
     Claim,
     Heartbeat,
     Message,
@@ -22,7 +22,7 @@ from core.protocol import (
     decode_topic,
     encode,
 )
-from core.sockets import make_socket
+from imgpipe.core.sockets import make_socket
 from tests.support import spawn
 
 

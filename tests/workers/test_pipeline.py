@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.protocol import Task
-from filters import decode
+from imgpipe.core.protocol import Task
+from imgpipe.filters import decode
+from imgpipe.workers.pipeline import Options, process_task
+from imgpipe.workers.pool import FilterPool
+from imgpipe.workers.shm import BufferSet
 from tests.images import jpeg, picture, png, reference
-from workers.pipeline import Options, process_task
-from workers.pool import FilterPool
-from workers.shm import BufferSet
 
 OPTS = Options(worker="test-1", max_pixels=50_000_000)
 

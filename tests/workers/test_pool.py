@@ -10,11 +10,11 @@ import numpy as np
 import psutil
 import pytest
 
-from filters import apply_chain, decode, parse_chain
+from imgpipe.filters import apply_chain, decode, parse_chain
+from imgpipe.workers.pool import DeadlineExceeded, FilterFailed, FilterPool, ProcessDied
+from imgpipe.workers.shm import BufferSet
 from tests.images import jpeg
 from tests.support import wait_for
-from workers.pool import DeadlineExceeded, FilterFailed, FilterPool, ProcessDied
-from workers.shm import BufferSet
 
 CHAIN = "resize:w=1920|blur:radius=2|brightness:factor=1.1"
 

@@ -13,11 +13,11 @@ import psutil
 import pytest
 import zmq
 
-from core.protocol import Event, Heartbeat, Task
+from imgpipe.core.protocol import Event, Heartbeat, Task
+from imgpipe.workers.shm import leftovers, sweep
 from tests.images import jpeg, reference
 from tests.support import make_settings, wait_for
 from tests.workers.rig import Rig
-from workers.shm import leftovers, sweep
 
 
 def task(tid: str, data: bytes, ops: str, **kw: Any) -> Task:

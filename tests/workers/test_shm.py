@@ -9,7 +9,7 @@ from multiprocessing import shared_memory
 import numpy as np
 import pytest
 
-from workers.shm import SHM_DIR, BufferSet, attach, leftovers, sweep
+from imgpipe.workers.shm import SHM_DIR, BufferSet, attach, leftovers, sweep
 
 FAKE_PID = 4_000_000 + os.getpid() % 100_000  # above pid_max: never a live process
 

@@ -8,13 +8,13 @@ import sys
 import numpy as np
 import pytest
 
-from core.errors import FilterError
-from core.protocol import Result
-from filters import REGISTRY, apply_chain, parse_chain
-from filters.testing import enable_test_filters
+from imgpipe.core.errors import FilterError
+from imgpipe.core.protocol import Result
+from imgpipe.filters import REGISTRY, apply_chain, parse_chain
+from imgpipe.filters.testing import enable_test_filters
+from imgpipe.workers.monitor import Stats
+from imgpipe.workers.service import task_endpoints
 from tests.support import make_settings
-from workers.monitor import Stats
-from workers.service import task_endpoints
 
 
 def test_test_filters_exist_only_when_enabled_and_enabling_twice_is_fine(

@@ -1,0 +1,96 @@
+"""The image files of the job store, under its data dir.
+
+Layout under ``root``::
+
+    originals/<job>/<i>.<ext>     uploaded images, moved into place before the job row commits
+    outputs/<job>/<n>.<ext>       results, written atomically (temp file + rename)
+    tmp/                          uploads being received (same filesystem, so adopting is a rename)
+
+Every path is built from a checked job id (:func:`~imgpipe.core.records.check_id`) and
+integers only, so no request can name a file outside ``root``. Only
+:class:`~imgpipe.core.store.Store` holds a ``Blobs``: callers ask the store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from imgpipe.core.records import check_id
+
+PARTIAL = ".tmp-"  # name prefix of a file being written in place (see write_atomic)
+_EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp"}
+
+
+def ext_for(fmt: str) -> str:
+    return _EXT.get(fmt, "bin")
+
+
+class Blobs:
+    """Originals and outputs as files under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for sub in ("originals", "outputs", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    def original_path(self, job_id: str, idx: int, fmt: str) -> Path:
+        return self.root / "originals" / check_id(job_id) / f"{int(idx)}.{ext_for(fmt)}"
+
+    def output_path(self, job_id: str, n: int, fmt: str) -> Path:
+        return self.root / "outputs" / check_id(job_id) / f"{int(n)}.{ext_for(fmt)}"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def save_original(self, job_id: str, idx: int, fmt: str, data: bytes | memoryview) -> Path:
+        return write_atomic(self.original_path(job_id, idx, fmt), data)
+
+    def adopt_original(self, job_id: str, idx: int, fmt: str, tmp: Path) -> Path:
+        """Move an already-written temp file (same filesystem) into place."""
+        path = self.original_path(job_id, idx, fmt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
+        return path
+
+    def read_original(self, job_id: str, idx: int, fmt: str) -> bytes:
+        return self.original_path(job_id, idx, fmt).read_bytes()
+
+    def remove_originals(self, job_id: str) -> None:
+        shutil.rmtree(self.root / "originals" / check_id(job_id), ignore_errors=True)
+
+    def write_output(self, job_id: str, n: int, fmt: str, data: bytes | memoryview) -> Path:
+        return write_atomic(self.output_path(job_id, n, fmt), data)
+
+    def open_output(self, job_id: str, n: int, fmt: str) -> BinaryIO | None:
+        """The output's file opened for reading, or None when there is none."""
+        try:
+            return self.output_path(job_id, n, fmt).open("rb")
+        except FileNotFoundError:
+            return None
+
+    def remove_partial_outputs(self) -> int:
+        """Output files a killed writer left half-written; how many were removed."""
+        count = 0
+        for path in (self.root / "outputs").glob(f"*/{PARTIAL}*"):
+            path.unlink(missing_ok=True)
+            count += 1
+        return count
+
+
+def write_atomic(path: Path, data: bytes | memoryview) -> Path:
+    """Write ``data`` to a temp file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=PARTIAL)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,158 @@
+"""What the job store speaks: ids, states and typed records.
+
+Callers of :class:`~imgpipe.core.store.Store` get these dataclasses, never database
+rows: the columns and the file layout stay inside the store, and the HTTP document
+is the gateway's to build from them.
+
+An output moves ``queued -> running -> done | failed``; ``done`` and ``failed`` are
+final (:data:`FINAL`) and never change again. A job is ``queued`` until its first
+dispatch, ``running`` until every output is final, then ``done``, ``failed`` or
+``partial`` (:data:`FINAL_JOB`).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from imgpipe.core.errors import ImgpipeError
+
+FINAL = ("done", "failed")  # final output states
+FINAL_JOB = ("done", "failed", "partial")  # final job states
+OPEN = ("queued", "running")  # output states the ventilator still owes
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+class NotFound(ImgpipeError):
+    status = 404
+    error = "not_found"
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+def check_id(job_id: str) -> str:
+    """``job_id`` if it is a UUID this service could have made, else NotFound."""
+    if not isinstance(job_id, str) or not _UUID.match(job_id):
+        raise NotFound("no such job: job ids are UUIDs", field="id")
+    return job_id
+
+
+def task_id(job_id: str, n: int) -> str:
+    return f"{job_id}:{n}"
+
+
+def split_task_id(tid: str) -> tuple[str, int]:
+    job_id, _, n = tid.partition(":")
+    if not n.isdigit():
+        raise NotFound(f"bad task id {tid!r}", field="task_id")
+    return check_id(job_id), int(n)
+
+
+def job_state(total: int, done: int, failed: int) -> str:
+    """A job's state from its output counts."""
+    if done + failed < total:
+        return "running"
+    if failed == 0:
+        return "done"
+    return "failed" if done == 0 else "partial"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """An uploaded image as recorded: its format, size in pixels and in bytes."""
+
+    format: str
+    width: int
+    height: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One image x chain of a job. Times are epoch seconds, ``timings_ms`` per stage."""
+
+    task_id: str
+    job_id: str
+    n: int
+    image: int
+    ops: str
+    cost: str
+    state: str
+    attempts: int
+    queued_at: float
+    worker: str | None = None
+    width: int | None = None
+    height: int | None = None
+    nbytes: int | None = None
+    content_type: str | None = None
+    format: str | None = None
+    error: str | None = None
+    dispatched_at: float | None = None
+    finished_at: float | None = None
+    timings_ms: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job and, in order of ``n``, its outputs."""
+
+    id: str
+    state: str
+    created: float
+    finished: float | None
+    total: int
+    done: int
+    failed: int
+    outputs: tuple[Output, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OpenTask:
+    """An output that is not final yet: what the ventilator needs to dispatch it."""
+
+    task_id: str
+    job_id: str
+    n: int
+    image: int
+    ops: str
+    cost: str
+    state: str
+    attempts: int
+    queued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """An output that reached a final state recently (rates and latencies)."""
+
+    state: str
+    attempts: int
+    queued_at: float
+    finished_at: float
+    timings_ms: dict[str, float | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Open outputs by state."""
+
+    queued: int = 0
+    running: int = 0
+
+    @property
+    def open(self) -> int:
+        return self.queued + self.running
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Everything the store has recorded: jobs, outputs, and their outcomes."""
+
+    jobs: int
+    outputs: int
+    done: int
+    failed: int
+    retries: int
