@@ -78,7 +78,8 @@ class Settings:
     max_images: int = _doc("images per job", 16)
     max_chains: int = _doc("ops chains per job", 16)
     max_filters: int = _doc("filters per chain", 12)
-    max_message_bytes: int = _doc("ZMQ_MAXMSGSIZE on every receiving socket, bytes", 64 * MB)
+    max_message_bytes: int = _doc("ZMQ_MAXMSGSIZE of the sockets that carry images, bytes",
+                                   64 * MB)
     queue_limit: int = _doc("outputs queued or running before the gateway answers 503", 2000)
     max_wait_s: float = _doc("longest ?wait a client may ask for, seconds", 120.0)
 

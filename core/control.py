@@ -26,7 +26,7 @@ import zmq
 from imgpipe.core.config import Settings
 from imgpipe.core.errors import ImgpipeError
 from imgpipe.core.protocol import Reply, Request, decode, encode
-from imgpipe.core.sockets import make_socket
+from imgpipe.core.sockets import REPLY_MESSAGE_BYTES, make_socket
 
 
 class Unavailable(ImgpipeError):
@@ -42,7 +42,8 @@ def ask(ctx: zmq.Context[Any], settings: Settings, op: str, args: dict[str, Any]
 
     Raises Unavailable after ``timeout`` seconds without an answer.
     """
-    sock = make_socket(ctx, zmq.REQ, settings, connect=endpoint or settings.control_endpoint)
+    sock = make_socket(ctx, zmq.REQ, settings, connect=endpoint or settings.control_endpoint,
+                       max_bytes=REPLY_MESSAGE_BYTES)
     try:
         sock.send_multipart(encode(Request(op=op, args=args or {})))
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):

@@ -14,7 +14,11 @@ Frame layout (multipart, no pickle anywhere)::
 
 :func:`encode` turns a message into frames; :func:`decode` turns frames back into a
 message and raises :class:`ProtocolError` for anything else: missing or extra frames,
-bad JSON, a wrong version, an unknown kind, a missing or mistyped field.
+bad JSON, a wrong version, an unknown kind, a missing or mistyped field (element types
+of lists and maps included), ``NaN`` or infinite numbers, a header over
+:data:`MAX_HEADER_BYTES` or nested deeper than :data:`MAX_DEPTH`. Nothing a peer sends
+makes it raise anything else, so a receive loop that catches ``ProtocolError`` per
+message cannot be stopped by a frame.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from typing import Any, ClassVar
 from imgpipe.core.errors import ProtocolError
 
 VERSION = 1
+MAX_HEADER_BYTES = 1024 * 1024  # most are a few hundred bytes; a fleet listing is the largest
+MAX_DEPTH = 8  # JSON nesting a header may have (metric values: one map deep)
 
 TOPIC_HEARTBEAT = b"hb"
 TOPIC_CLAIM = b"claim"
@@ -74,6 +80,7 @@ class Task(Message):
     queued_at: float = 0.0
     dispatched_at: float = 0.0
     deadline: float = 0.0
+    lease: str = ""  # the dispatch's token (core.lease); the result carries it back
     payload: Any = _payload()
 
 
@@ -103,6 +110,7 @@ class Result(Message):
     format: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     retry: bool = False
+    lease: str = ""  # the task's token, without which the sink drops the result
     payload: Any = _payload()
 
 
@@ -226,7 +234,7 @@ _BASE = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (li
 def encode(msg: Message) -> list[Any]:
     """Frames for ``msg``: ``[header]`` or ``[header, payload]``."""
     header: dict[str, Any] = {"v": VERSION, "kind": msg.kind}
-    for name, _, _ in _schema(type(msg)):
+    for name, *_ in _schema(type(msg)):
         header[name] = getattr(msg, name)
     frames: list[Any] = [json.dumps(header, separators=(",", ":")).encode()]
     if msg.has_payload:
@@ -257,25 +265,24 @@ def decode(frames: Sequence[Any], expect: type[Message] | None = None) -> Messag
     if not frames:
         raise ProtocolError("empty message")
     header = _header(frames[0])
-    cls = KINDS.get(header.get("kind"))  # type: ignore[arg-type]
+    kind = header.get("kind")
+    cls = KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message kind {header.get('kind')!r}")
+        raise ProtocolError(f"unknown message kind {str(kind)[:40]!r}")
     if expect is not None and cls is not expect:
         raise ProtocolError(f"expected a {expect.kind} message, got {cls.kind}")
     want = 2 if cls.has_payload else 1
     if len(frames) != want:
         raise ProtocolError(f"{cls.kind}: expected {want} frame(s), got {len(frames)}")
     values: dict[str, Any] = {}
-    for name, base, required in _schema(cls):
+    for name, base, args, required in _schema(cls):
         if name not in header:
             if required:
                 raise ProtocolError(f"{cls.kind}: missing field {name!r}")
             continue
         value = header[name]
-        allowed = _BASE.get(base)
-        if allowed is not None and (not isinstance(value, allowed)
-                                    or (base is not bool and isinstance(value, bool))):
-            raise ProtocolError(f"{cls.kind}: field {name!r} must be {base.__name__}")
+        if not _is(value, base, args):
+            raise ProtocolError(f"{cls.kind}: field {name!r} must be {_describe(base, args)}")
         values[name] = float(value) if base is float else value
     msg = cls(**values)
     if cls.has_payload:
@@ -293,11 +300,13 @@ def decode_topic(frames: Sequence[Any]) -> Message:
     return msg
 
 
-_SCHEMAS: dict[type[Message], tuple[tuple[str, Any, bool], ...]] = {}
+Field = tuple[str, Any, tuple[Any, ...], bool]  # name, base type, type arguments, required
+_SCHEMAS: dict[type[Message], tuple[Field, ...]] = {}
 
 
-def _schema(cls: type[Message]) -> tuple[tuple[str, Any, bool], ...]:
-    """(name, base type, required) of each header field, in field order; once per class.
+def _schema(cls: type[Message]) -> tuple[Field, ...]:
+    """(name, base type, type arguments, required) of each header field, in field order;
+    once per class.
 
     ``typing.get_type_hints`` parses the string annotations again on every call, which
     cost more than the rest of ``decode`` together: it runs once per class here.
@@ -307,9 +316,34 @@ def _schema(cls: type[Message]) -> tuple[tuple[str, Any, bool], ...]:
         hints = typing.get_type_hints(cls)
         schema = _SCHEMAS[cls] = tuple(
             (f.name, typing.get_origin(hints[f.name]) or hints[f.name],
+             typing.get_args(hints[f.name]),
              f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
             for f in dataclasses.fields(cls) if not f.metadata.get("wire"))
     return schema
+
+
+def _is(value: Any, base: Any, args: tuple[Any, ...]) -> bool:
+    """Whether a JSON value fits a field's type: ``int``, ``float`` (ints too), ``str``,
+    ``bool``, ``list[T]``, ``dict[str, T]`` or ``Any``; a bool is never a number."""
+    allowed = _BASE.get(base)
+    if allowed is None:
+        return True  # Any: whatever JSON holds (depth and size are bounded in _header)
+    if not isinstance(value, allowed) or (base is not bool and isinstance(value, bool)):
+        return False
+    if isinstance(value, list) and args:
+        return all(_is(v, typing.get_origin(args[0]) or args[0], typing.get_args(args[0]))
+                   for v in value)
+    if isinstance(value, dict) and args:
+        key, val = args
+        return all(isinstance(k, key) and _is(v, typing.get_origin(val) or val,
+                                              typing.get_args(val))
+                   for k, v in value.items())
+    return True
+
+
+def _describe(base: Any, args: tuple[Any, ...]) -> str:
+    name = getattr(base, "__name__", str(base))
+    return f"{name}[{', '.join(getattr(a, '__name__', str(a)) for a in args)}]" if args else name
 
 
 def _buffer(frame: Any) -> Any:
@@ -318,11 +352,36 @@ def _buffer(frame: Any) -> Any:
 
 def _header(frame: Any) -> dict[str, Any]:
     try:
-        header = json.loads(bytes(_buffer(frame)))
-    except (ValueError, UnicodeDecodeError) as exc:
+        raw = bytes(_buffer(frame))
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"header is not bytes: {exc}") from None
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes, over {MAX_HEADER_BYTES}")
+    if _depth(raw) > MAX_DEPTH:
+        raise ProtocolError(f"header nested deeper than {MAX_DEPTH}")
+    try:
+        header = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header is not a JSON object")
     if header.get("v") != VERSION:
         raise ProtocolError(f"protocol version {header.get('v')!r}, this peer speaks {VERSION}")
     return header
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number this protocol carries")
+
+
+def _depth(raw: bytes) -> int:
+    """An upper bound of the JSON nesting in ``raw`` (brackets inside strings count too,
+    which only errs on the safe side), found without parsing."""
+    depth = deepest = 0
+    for b in raw.translate(None, delete=_NOT_BRACKETS):
+        depth += 1 if b in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")

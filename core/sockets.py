@@ -29,15 +29,24 @@ log = logging.getLogger(__name__)
 # 1 ms of CPU where 8 KiB took 6 ms (docs/pipeline.md has both measurements).
 TASK_BUFFER_BYTES = 64 * 1024
 
-_RECEIVES = {zmq.PULL, zmq.SUB, zmq.ROUTER, zmq.DEALER, zmq.REP, zmq.REQ, zmq.PAIR}
+# ZMQ_MAXMSGSIZE of sockets that carry no image (bus, intake, control, subscriptions):
+# their messages are a few hundred bytes, so a peer cannot make one buffer megabytes.
+# Sockets that carry images (a worker's tasks, the sink's results) pass the image
+# limit (``settings.max_message_bytes``); a control client's replies may list a fleet.
+SMALL_MESSAGE_BYTES = 64 * 1024
+REPLY_MESSAGE_BYTES = 1024 * 1024
 
 
 def make_socket(ctx: zmq.Context[Any], kind: int, settings: Settings, *,
                 bind: str | None = None, connect: str | tuple[str, ...] | None = None,
                 sndhwm: int | None = None, rcvhwm: int | None = None,
                 subscribe: tuple[bytes, ...] = (),
-                options: dict[int, int] | None = None) -> zmq.Socket[Any]:
+                options: dict[int, int] | None = None,
+                max_bytes: int = SMALL_MESSAGE_BYTES) -> zmq.Socket[Any]:
     """A configured socket that binds ``bind`` (on bind_host) or connects to ``connect``.
+
+    ``max_bytes`` is the largest message it accepts; a peer that sends more is
+    disconnected. Every kind gets one: PUB and XPUB read subscriptions too.
 
     ``options`` are extra integer socket options set before binding or connecting
     (``{zmq.IMMEDIATE: 1}``: some only act on connections made after they are set).
@@ -45,8 +54,7 @@ def make_socket(ctx: zmq.Context[Any], kind: int, settings: Settings, *,
     sock = ctx.socket(kind)
     try:
         sock.linger = 0
-        if kind in _RECEIVES:
-            sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
         if sndhwm is not None:
             sock.sndhwm = sndhwm
         if rcvhwm is not None:

@@ -79,6 +79,10 @@ class SourceSeq:
     restarts: int = 0
 
 
+MAX_PEERS = 1024  # workers and metric sources kept; their ids are whatever peers send
+STALE_SOURCE_S = 300.0  # a metric source silent this long is forgotten
+
+
 class SeqTracker:
     """Counts messages missed between consecutive sequence numbers of each source.
 
@@ -86,14 +90,17 @@ class SeqTracker:
     counter began again); that is counted as a restart, not as missed messages.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 2 * MAX_PEERS) -> None:
         self.sources: dict[tuple[str, str], SourceSeq] = {}
+        self.limit = limit
 
     def see(self, kind: str, source: str, seq: int) -> int:
-        """Record ``seq``; return how many messages were missed just before it."""
+        """Record ``seq``; return how many messages were missed just before it.
+        Sources past ``limit`` (peer-supplied names) are not tracked."""
         state = self.sources.get((kind, source))
         if state is None:
-            self.sources[(kind, source)] = SourceSeq(last=seq)
+            if len(self.sources) < self.limit:
+                self.sources[(kind, source)] = SourceSeq(last=seq)
             return 0
         state.received += 1
         missed = 0
@@ -160,9 +167,15 @@ class FleetState:
         with self._lock:
             self._received += 1
             if isinstance(msg, Heartbeat):
+                if not _room(self._workers, msg.worker):
+                    self._bad += 1
+                    return
                 self._seq.see("heartbeat", msg.worker, msg.seq)
                 self._heartbeat(msg, now)
             elif isinstance(msg, Metric):
+                if not _room(self._sources, msg.source):
+                    self._bad += 1
+                    return
                 self._seq.see("metric", msg.source, msg.seq)
                 self._sources[msg.source] = {"role": msg.role, "seen": now, "ts": msg.ts,
                                              "values": dict(msg.values)}
@@ -174,13 +187,14 @@ class FleetState:
     def handle_frames(self, frames: list[Any], now: float) -> None:
         """Decode and fold one bus message; a bad one is counted and logged, not raised."""
         try:
-            msg = decode_topic(frames)
-        except ProtocolError as exc:
+            self.handle(decode_topic(frames), now)
+        except Exception as exc:  # noqa: BLE001 - a peer's frame never stops the collector
             with self._lock:
                 self._bad += 1
-            log.warning("bad bus message: %s", exc)
-            return
-        self.handle(msg, now)
+            if isinstance(exc, ProtocolError):
+                log.warning("bad bus message: %s", exc)
+            else:
+                log.exception("error handling a bus message")
 
     def _heartbeat(self, hb: Heartbeat, now: float) -> None:
         old = self._workers.get(hb.worker)
@@ -247,6 +261,9 @@ class FleetState:
             self._gateway_error = error
 
     def _expire(self, now: float) -> None:
+        for sid, src in list(self._sources.items()):
+            if now - src["seen"] > STALE_SOURCE_S:
+                del self._sources[sid]
         liveness = self.settings.liveness_s
         for wid, w in list(self._workers.items()):
             silent = now - w["seen"]
@@ -281,3 +298,8 @@ class FleetState:
                             gateway=gw,
                             gateway_error=self._gateway_error)
 
+
+
+def _room(peers: dict[str, Any], key: str) -> bool:
+    """Whether ``key`` is known or there is room for one more (ids come from peers)."""
+    return key in peers or len(peers) < MAX_PEERS

@@ -26,7 +26,11 @@ from imgpipe.gateway.upload import Upload, check_length, parse_upload
 
 log = logging.getLogger(__name__)
 
-IMMUTABLE = "public, max-age=31536000, immutable"
+# An output never changes, but it is the client's: shared caches must not keep it.
+IMMUTABLE = "private, max-age=31536000, immutable"
+# Image answers: never sniffed into another type, never run as a document.
+IMAGE_HEADERS = {"X-Content-Type-Options": "nosniff",
+                 "Content-Security-Policy": "default-src 'none'"}
 MAX_LIST = 100
 
 
@@ -169,6 +173,7 @@ def serve_output(req: falcon.Request, resp: falcon.Response, store: Store, job_i
     tag = hashlib.sha1(f"{out.task_id}:{out.nbytes}:{out.finished_at}".encode())
     etag = f'"{tag.hexdigest()[:20]}"'
     resp.set_header("ETag", etag)
+    resp.set_headers(IMAGE_HEADERS)
     resp.cache_control = [IMMUTABLE]
     resp.status = falcon.HTTP_200
     if _matches(req.get_header("If-None-Match"), etag):

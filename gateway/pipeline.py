@@ -211,11 +211,12 @@ class Pipeline:
                 frames = sub.recv_multipart()
                 try:
                     msg = decode_topic(frames)
+                    if isinstance(msg, Done):
+                        self.handle_done(msg)
                 except ProtocolError as exc:
                     log.warning("bad event frame: %s", exc)
-                    continue
-                if isinstance(msg, Done):
-                    self.handle_done(msg)
+                except Exception:
+                    log.exception("error handling an event")
         except zmq.ContextTerminated:
             pass
         finally:

@@ -240,6 +240,9 @@ class Supervisor:
             reply = self.handle(req)
         except ImgpipeError as exc:
             reply = Reply(ok=False, error=exc.detail)
+        except Exception as exc:  # noqa: BLE001 - no request stops the stack
+            log.exception("error handling a control request")
+            reply = Reply(ok=False, error=f"internal error: {type(exc).__name__}")
         ctl.send_multipart([*envelope, *encode(reply)])
 
     def _autoscale_step(self) -> None:

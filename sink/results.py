@@ -6,6 +6,11 @@ the first result for a task id wins and every later one — a re-dispatched copy
 paused worker that wakes up late — is counted as a duplicate and dropped before its
 bytes touch the output file. The sink is the only process that completes outputs
 and it handles results one at a time, so check-then-write cannot race with itself.
+
+Before any of that, a result must carry the lease token of a dispatch of its task
+(:mod:`imgpipe.core.lease`): anything else is dropped and counted as ``forged``. The
+stored content type comes from the output format through a fixed table, never from
+the result's header, so no result can make an output be served as, say, HTML.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from imgpipe.core import lease
 from imgpipe.core.errors import ImgpipeError, ProtocolError
 from imgpipe.core.protocol import Done, Result
 from imgpipe.core.records import task_id
 from imgpipe.core.store import Store
+from imgpipe.filters.formats import OUTPUT_FORMATS, content_type
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,7 @@ class Counters:
     failed: int = 0
     retries: int = 0
     errors: int = 0
+    forged: int = 0
     bytes: int = 0
     write_ms: list[float] = field(default_factory=list)  # since the last snapshot
 
@@ -41,6 +49,7 @@ class Counters:
         return {
             "results": self.results, "written": self.written, "duplicates": self.duplicates,
             "failed": self.failed, "retries": self.retries, "errors": self.errors,
+            "forged": self.forged,
             "bytes": self.bytes,
             "write_ms_avg": round(sum(lat) / len(lat), 3) if lat else 0.0,
             "write_ms_p95": round(lat[int(0.95 * (len(lat) - 1))], 3) if lat else 0.0,
@@ -51,17 +60,26 @@ class Counters:
 class ResultHandler:
     """Turns each :class:`Result` into store writes and the :class:`Done` to publish."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, lease_key: bytes) -> None:
         self.store = store
+        self.lease_key = lease_key
         self.counters = Counters()
 
     def handle(self, res: Result) -> Done:
-        """The Done to publish for ``res``; ProtocolError if its ids disagree."""
+        """The Done to publish for ``res``; ProtocolError if its ids disagree or it
+        holds no lease of its task."""
         c = self.counters
         c.results += 1
         if res.task_id != task_id(res.job_id, res.n):
             c.errors += 1
             raise ProtocolError(f"result {res.task_id!r} names job {res.job_id!r} output {res.n}")
+        if not lease.valid(self.lease_key, res.task_id, res.attempt, res.lease):
+            c.forged += 1
+            raise ProtocolError(f"result for {res.task_id} attempt {res.attempt} from "
+                                f"{res.worker[:80]!r} holds no lease of that dispatch")
+        if res.ok and res.format not in OUTPUT_FORMATS:
+            c.errors += 1
+            raise ProtocolError(f"result for {res.task_id}: no output format {res.format[:20]!r}")
         base: dict[str, Any] = {"task_id": res.task_id, "job_id": res.job_id, "n": res.n,
                                 "attempt": res.attempt}
         try:
@@ -90,7 +108,7 @@ class ResultHandler:
         t0 = time.perf_counter()
         state = self.store.complete(
             res.task_id, res.payload, worker=res.worker, attempt=res.attempt,
-            width=res.width, height=res.height, content_type=res.content_type,
+            width=res.width, height=res.height, content_type=content_type(res.format),
             fmt=res.format, timings=res.timings)
         if state is None:
             return self._duplicate(res, base)

@@ -26,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from imgpipe.core import lease
 from imgpipe.core.config import Settings, add_settings_args, settings_from_args
 from imgpipe.core.errors import ProtocolError
 from imgpipe.core.protocol import Metric, Result, decode, encode_topic
@@ -47,12 +48,12 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
     removed = store.remove_partial_outputs()
     if removed:
         log.info("removed %d half-written output file(s) of a previous run", removed)
-    handler = ResultHandler(store)
+    handler = ResultHandler(store, lease.load_key(settings.data_dir))
     source = f"sink@{socket.gethostname()}:{os.getpid()}"
     socks: list[zmq.Socket[Any]] = []
     try:
         results = make_socket(ctx, zmq.PULL, settings, bind=settings.result_endpoint,
-                              rcvhwm=RESULT_HWM)
+                              rcvhwm=RESULT_HWM, max_bytes=settings.max_message_bytes)
         socks.append(results)
         events = make_socket(ctx, zmq.PUB, settings, bind=settings.event_endpoint)
         socks.append(events)

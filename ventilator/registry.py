@@ -15,6 +15,8 @@ from typing import Any
 from imgpipe.core.protocol import Heartbeat, Metric
 
 CLASSES = ("light", "heavy")
+ROLES = ("gateway", "ventilator", "sink", "worker", "dashboard", "supervisor")
+MAX_WORKERS = 1024  # ids are peer-supplied: past this, new ids wait for old ones to expire
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Registry:
         self.lost_visible_s = lost_visible_s
         self.workers: dict[str, WorkerInfo] = {}
         self.components: dict[str, float] = {}
+        self.refused = 0  # heartbeats of new ids dropped while the registry was full
 
     def heartbeat(self, hb: Heartbeat, now: float) -> tuple[str | None, bool]:
         """Record ``hb``; (event, whether this is a restarted process under a known id).
@@ -57,8 +60,13 @@ class Registry:
         e.g. after SIGCONT) or None. A worker id seen again with another pid or
         ``started`` time is a new process: whatever the old one held is gone.
         """
-        self.components["worker"] = now
         old = self.workers.get(hb.worker)
+        if old is None and len(self.workers) >= MAX_WORKERS:
+            self.expire(now)
+            if len(self.workers) >= MAX_WORKERS:
+                self.refused += 1
+                return None, False
+        self.components["worker"] = now
         restarted = old is not None and (
             old.hb.pid != hb.pid
             or bool(old.hb.started and hb.started and old.hb.started != hb.started))
@@ -70,7 +78,8 @@ class Registry:
         return event, False
 
     def metric(self, msg: Metric, now: float) -> None:
-        self.components[msg.role] = now
+        if msg.role in ROLES:  # a peer-supplied key: only the known roles are kept
+            self.components[msg.role] = now
 
     def expire(self, now: float) -> list[WorkerInfo]:
         """Mark workers silent for ``liveness_s`` lost (returned), forget old lost ones."""

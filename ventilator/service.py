@@ -30,6 +30,7 @@ from typing import Any
 
 import zmq
 
+from imgpipe.core import lease
 from imgpipe.core.config import Settings, add_settings_args, settings_from_args
 from imgpipe.core.errors import ImgpipeError, ProtocolError
 from imgpipe.core.protocol import (
@@ -74,6 +75,7 @@ class Ventilator:
     def __init__(self, settings: Settings, ctx: zmq.Context[Any]) -> None:
         self.settings = settings
         self.store = Store(settings.data_dir)
+        self.lease_key = lease.load_key(settings.data_dir)
         self.source = f"ventilator@{socket.gethostname()}:{os.getpid()}"
         self.disp = Dispatcher(settings, source=self.source, is_final=self.store.is_final,
                                start=time.time())
@@ -226,7 +228,8 @@ class Ventilator:
             return True
         task = Task(task_id=t.task_id, job_id=t.job_id, n=t.n, ops=t.ops, attempt=e.attempt,
                     cost=t.cost, queued_at=t.queued_at, dispatched_at=now,
-                    deadline=now + self.settings.task_timeout_s, payload=payload)
+                    deadline=now + self.settings.task_timeout_s,
+                    lease=lease.token(self.lease_key, t.task_id, e.attempt), payload=payload)
         try:
             s.send_multipart(encode(task), zmq.NOBLOCK, copy=False)
         except zmq.Again:

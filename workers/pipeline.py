@@ -61,7 +61,7 @@ def process_task(task: Task, pool: FilterPool, buffers: BufferSet, opts: Options
     timings: dict[str, float] = {
         "queue": max(0.0, (received - task.queued_at) * 1000) if task.queued_at else 0.0}
     result = Result(task_id=task.task_id, job_id=task.job_id, n=task.n, attempt=task.attempt,
-                    worker=opts.worker, ok=False, timings=timings)
+                    lease=task.lease, worker=opts.worker, ok=False, timings=timings)
     try:
         chain = parse_chain(task.ops, max_filters=opts.max_filters)
         if opts.delay_ms:

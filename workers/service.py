@@ -157,7 +157,7 @@ class TaskLoop:
         socks: list[zmq.Socket[Any]] = []
         try:
             self.tasks = [make_socket(self.ctx, zmq.PULL, s, connect=ep, rcvhwm=1,
-                                      options=TASK_OPTIONS)
+                                      options=TASK_OPTIONS, max_bytes=s.max_message_bytes)
                           for ep in task_endpoints(s)]
             socks += self.tasks
             self.results = make_socket(self.ctx, zmq.PUSH, s, connect=s.result_endpoint,
@@ -330,6 +330,6 @@ class TaskLoop:
 def bounce(task: Task, worker: str, why: str) -> Result:
     """A retryable Result that hands ``task`` back for another worker."""
     return Result(task_id=task.task_id, job_id=task.job_id, n=task.n, attempt=task.attempt,
-                  worker=worker, ok=False, retry=True, error=why,
+                  lease=task.lease, worker=worker, ok=False, retry=True, error=why,
                   timings={"queue": 0.0, "total": 0.0})
 

@@ -78,7 +78,9 @@ def test_a_done_output_is_served_with_etag_and_immutable_caching(gateway: Any) -
     assert res.status_code == 200
     assert res.content == b"\xff\xd8 the output \xff\xd9"
     assert res.headers["content-type"] == "image/jpeg"
-    assert res.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert res.headers["cache-control"] == "private, max-age=31536000, immutable"
+    assert res.headers["x-content-type-options"] == "nosniff"
+    assert res.headers["content-security-policy"] == "default-src 'none'"
     etag = res.headers["etag"]
     again = gateway.client.simulate_get(f"/api/jobs/{job}/outputs/0",
                                         headers={"If-None-Match": etag})

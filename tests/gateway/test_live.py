@@ -121,7 +121,8 @@ def test_every_read_endpoint(gw: Gateway) -> None:
     assert job["state"] == "done", job
     out = gw.http.get(job["outputs"][0]["url"])
     assert out.status_code == 200 and out.headers["content-type"] == "image/png"
-    assert out.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert out.headers["cache-control"] == "private, max-age=31536000, immutable"
+    assert out.headers["x-content-type-options"] == "nosniff"
     assert decode_image(out.content).mode == "L"
     again = gw.http.get(job["outputs"][0]["url"], headers={"If-None-Match": out.headers["etag"]})
     assert again.status_code == 304

@@ -6,11 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from imgpipe.core import lease
 from imgpipe.core.errors import ProtocolError
 from imgpipe.core.protocol import Result
 from imgpipe.core.records import ImageInfo, new_job_id, task_id
 from imgpipe.core.store import Store
 from imgpipe.sink.results import ResultHandler
+
+KEY = b"k" * 32
 
 
 def make_job(store: Store, chains: int = 2) -> str:
@@ -25,6 +28,7 @@ def result(job: str, n: int, *, ok: bool = True, payload: bytes = b"PNGDATA",
            worker: str = "w1", attempt: int = 1, retry: bool = False,
            error: str = "") -> Result:
     return Result(task_id=task_id(job, n), job_id=job, n=n, attempt=attempt, worker=worker,
+                  lease=lease.token(KEY, task_id(job, n), attempt),
                   ok=ok, error=error, width=2, height=3, content_type="image/png",
                   format="png", timings={"decode": 1.0, "total": 4.0}, retry=retry,
                   payload=payload)
@@ -33,7 +37,7 @@ def result(job: str, n: int, *, ok: bool = True, payload: bytes = b"PNGDATA",
 def test_first_result_wins_and_later_ones_are_duplicates(tmp_path: Path) -> None:
     store = Store(tmp_path)
     job = make_job(store)
-    h = ResultHandler(store)
+    h = ResultHandler(store, KEY)
     done = h.handle(result(job, 0, payload=b"first"))
     assert (done.state, done.job_state, done.attempt) == ("done", "running", 1)
     late = h.handle(result(job, 0, payload=b"second", worker="w2", attempt=2))
@@ -50,7 +54,7 @@ def test_first_result_wins_and_later_ones_are_duplicates(tmp_path: Path) -> None
 def test_retry_leaves_the_output_open_and_a_plain_failure_is_final(tmp_path: Path) -> None:
     store = Store(tmp_path)
     job = make_job(store)
-    h = ResultHandler(store)
+    h = ResultHandler(store, KEY)
     back = h.handle(result(job, 0, ok=False, retry=True, error="filter process died"))
     assert (back.state, back.error) == ("retry", "filter process died")
     assert store.output(job, 0).state == "queued"
@@ -68,7 +72,7 @@ def test_a_result_for_an_output_failed_meanwhile_leaves_no_file(
     job = make_job(store, chains=1)
     store.fail(task_id(job, 0), "lost on 3 attempts: ...")
     monkeypatch.setattr(store, "is_final", lambda _tid: False)  # lose the race on purpose
-    done = ResultHandler(store).handle(result(job, 0))
+    done = ResultHandler(store, KEY).handle(result(job, 0))
     assert done.state == "duplicate"
     assert not store.output_path(job, 0, "png").exists()
     assert store.output(job, 0).state == "failed"
@@ -80,17 +84,61 @@ def test_mismatched_ids_are_refused(tmp_path: Path) -> None:
     res = result(job, 0)
     res.n = 1
     with pytest.raises(ProtocolError):
-        ResultHandler(store).handle(res)
+        ResultHandler(store, KEY).handle(res)
     assert store.output(job, 1).state == "queued"
 
 
 def test_half_written_files_of_a_killed_sink_are_removed_at_start(tmp_path: Path) -> None:
     store = Store(tmp_path)
     job = make_job(store)
-    h = ResultHandler(store)
+    h = ResultHandler(store, KEY)
     assert h.handle(result(job, 0, payload=b"done")).state == "done"
     kept = store.output_path(job, 0, "png")
     orphan = kept.parent / ".tmp-abc123"
     orphan.write_bytes(b"half")
     assert store.remove_partial_outputs() == 1
     assert not orphan.exists() and kept.read_bytes() == b"done"
+
+
+def test_a_result_without_the_lease_of_its_dispatch_is_dropped(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = make_job(store)
+    h = ResultHandler(store, KEY)
+    forged = [
+        result(job, 0, worker="intruder"),   # the right token, then tampered with below
+        result(job, 0, attempt=2),           # a token for attempt 2 sent as attempt 3
+        result(job, 1),                      # task 0's token on task 1
+    ]
+    forged[0].lease = "0" * 32
+    forged[1].attempt = 3
+    forged[2].lease = lease.token(KEY, task_id(job, 0), 1)
+    for res in forged:
+        with pytest.raises(ProtocolError, match="no lease"):
+            h.handle(res)
+    assert h.counters.forged == 3
+    assert [o.state for o in store.job(job).outputs] == ["queued", "queued"]
+    assert not store.output_path(job, 0, "png").exists()
+    assert h.handle(result(job, 0)).state == "done"  # the real one still counts
+
+
+def test_the_content_type_comes_from_the_format_not_the_header(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = make_job(store)
+    h = ResultHandler(store, KEY)
+    res = result(job, 0)
+    res.content_type = "text/html"
+    assert h.handle(res).state == "done"
+    assert store.output(job, 0).content_type == "image/png"
+    odd = result(job, 1)
+    odd.format = "html"
+    with pytest.raises(ProtocolError, match="no output format"):
+        h.handle(odd)
+    assert store.output(job, 1).state == "queued"
+
+
+def test_the_lease_key_is_made_once_and_shared(tmp_path: Path) -> None:
+    key = lease.load_key(tmp_path)
+    assert len(key) == 32 and lease.load_key(tmp_path) == key
+    assert (tmp_path / lease.KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert lease.valid(key, "t", 1, lease.token(key, "t", 1))
+    assert not lease.valid(key, "t", 2, lease.token(key, "t", 1))

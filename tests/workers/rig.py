@@ -41,7 +41,8 @@ class Rig:
         self.push = {cls: make_socket(ctx, zmq.PUSH, settings, bind=ep, sndhwm=1)
                      for cls, ep in (("light", settings.light_task_endpoint),
                                      ("heavy", settings.heavy_task_endpoint))}
-        self.results = make_socket(ctx, zmq.PULL, settings, bind=settings.result_endpoint)
+        self.results = make_socket(ctx, zmq.PULL, settings, bind=settings.result_endpoint,
+                                   max_bytes=settings.max_message_bytes)
         self.bus = make_socket(ctx, zmq.SUB, settings, bind=settings.bus_endpoint,
                                subscribe=(b"",))
         self.seen: list[Message] = []
