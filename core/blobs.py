@@ -83,14 +83,23 @@ class Blobs:
 
 
 def write_atomic(path: Path, data: bytes | memoryview) -> Path:
-    """Write ``data`` to a temp file beside ``path``, then rename it into place."""
+    """Write ``data`` to a temp file beside ``path``, flush it to disk, rename it into
+    place and flush the folder: once this returns, the file survives a power loss (the
+    store commits an output's row only after it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=PARTIAL)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return path

@@ -112,6 +112,8 @@ class Settings:
     # --- diagnostics and tests ------------------------------------------------------
     log_level: str = _doc("logging level", "INFO")
     test_hooks: bool = _doc("enable test-only filters and delays (never in production)", False)
+    insecure: bool = _doc("allow binding beyond loopback without CURVE keys or API keys "
+                          "(a network you trust)", False)
     worker_delay_ms: int = _doc("test hook: extra delay per task in a worker, ms", 0)
 
     # ------------------------------------------------------------------------------

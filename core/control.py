@@ -10,7 +10,9 @@ asks it with :func:`ask`, which sends one :class:`Request` and waits for the
              "free", "inflight", "done", "failed", "cpu", "rss", "last_beat_age_s",
              "started"}``
 ``stats``    ``{"queue_depth", "queued": {"light", "heavy"}, "inflight", "dispatched",
-             "retries", "lost_tasks", "failed_tasks", "workers": {"alive", "busy",
+             "retries", "lost_tasks", "failed_tasks", "bad_messages", "heartbeats_refused",
+             "workers_lost",
+             "workers": {"alive", "busy",
              "idle", "lost"}, "components": {role: seconds since last seen},
              "uptime_s"}``
 """

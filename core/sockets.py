@@ -19,6 +19,7 @@ import zmq
 
 from imgpipe.core.config import Settings
 from imgpipe.core.errors import ConfigError
+from imgpipe.core.keys import check_bind, resolve
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,9 @@ def make_socket(ctx: zmq.Context[Any], kind: int, settings: Settings, *,
         for topic in subscribe:
             sock.setsockopt(zmq.SUBSCRIBE, topic)
         if bind is not None:
-            _curve_server(sock, settings)
-            sock.bind(settings.bind_url(bind))
+            url = settings.bind_url(bind)
+            _curve_server(sock, settings, url)
+            sock.bind(url)
         if connect is not None:
             _curve_client(sock, settings)
             for endpoint in (connect,) if isinstance(connect, str) else connect:
@@ -86,30 +88,36 @@ def bound_endpoint(sock: zmq.Socket[Any]) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def _curve_server(sock: zmq.Socket[Any], settings: Settings) -> None:
-    if not settings.curve_enabled:
+def _curve_server(sock: zmq.Socket[Any], settings: Settings, url: str) -> None:
+    check_bind(settings, url)
+    keys = resolve(settings)
+    if keys is None:
         return
     import zmq.auth
 
-    if not settings.curve_server_secret_file:
-        raise ConfigError("CURVE is on but this process binds a socket without "
-                          "IMGPIPE_CURVE_SERVER_SECRET_FILE: set it on stable nodes",
+    if keys.server_secret is None:
+        raise ConfigError("CURVE is on but this process binds a socket without the server's "
+                          "secret key: set IMGPIPE_CURVE_SERVER_SECRET_FILE on stable nodes",
                           field="curve_server_secret_file")
-    public, secret = zmq.auth.load_certificate(settings.curve_server_secret_file)
+    public, secret = zmq.auth.load_certificate(keys.server_secret)
     if secret is None:
-        raise ValueError(f"{settings.curve_server_secret_file} holds no secret key")
+        raise ValueError(f"{keys.server_secret} holds no secret key")
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True
 
 
 def _curve_client(sock: zmq.Socket[Any], settings: Settings) -> None:
-    if not settings.curve_enabled:
+    keys = resolve(settings)
+    if keys is None:
         return
     import zmq.auth
 
-    server_public, _ = zmq.auth.load_certificate(settings.curve_server_public_file)
-    client_file = settings.curve_client_secret_file or settings.curve_server_secret_file
+    server_public, _ = zmq.auth.load_certificate(keys.server_public)
+    client_file = keys.client_secret or keys.server_secret
+    if client_file is None:
+        raise ConfigError("CURVE is on but this peer has no secret key to connect with: set "
+                          "IMGPIPE_CURVE_CLIENT_SECRET_FILE", field="curve_client_secret_file")
     public, secret = zmq.auth.load_certificate(client_file)
     if secret is None:
         raise ValueError(f"{client_file} holds no secret key")
@@ -124,14 +132,15 @@ def start_authenticator(ctx: zmq.Context[Any], settings: Settings) -> Any:
     Without ``curve_authorized_dir`` any client that knows the server key is admitted
     (encryption only). Returns the authenticator (call ``.stop()``) or None.
     """
-    if not settings.curve_enabled:
+    keys = resolve(settings)
+    if keys is None:
         return None
     from zmq.auth.thread import ThreadAuthenticator
 
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    if settings.curve_authorized_dir:
-        auth.configure_curve(domain="*", location=settings.curve_authorized_dir)
+    if keys.authorized is not None:
+        auth.configure_curve(domain="*", location=str(keys.authorized))
     else:
         auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
     return auth

@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "health": ("imgpipe.health", "main", "probe one component (container health checks)"),
     "filters": ("imgpipe.info", "main_filters", "list every filter with its parameters"),
     "config": ("imgpipe.info", "main_config", "list every setting with its variable and value"),
+    "keys": ("imgpipe.info", "main_keys", "write CURVE key pairs for the ZeroMQ plane into the "
+             "data dir"),
 }
 
 

@@ -18,19 +18,23 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import zmq
 
+from imgpipe.core import keys
 from imgpipe.core.advice import Autoscaler
 from imgpipe.core.config import (
     Settings,
@@ -211,11 +215,12 @@ class Supervisor:
         return Reply(ok=False, error=f"unknown op {req.op!r}: use status or scale")
 
     def run(self, ctx: zmq.Context[Any], stop: threading.Event) -> None:
-        ctl = make_socket(ctx, zmq.ROUTER, self.settings, bind="tcp://127.0.0.1:0")
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = control_dir(self.settings.data_dir)
+        ctl = make_socket(ctx, zmq.ROUTER, self.settings, bind=f"ipc://{run_dir}/control")
         info_path = self.settings.data_dir / SUPERVISOR_FILE
         try:
             endpoint = bound_endpoint(ctl)
-            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
             info_path.write_text(json.dumps({"control": endpoint, "pid": os.getpid()}))
             self.tick()
             self._announce(endpoint)
@@ -230,6 +235,7 @@ class Supervisor:
         finally:
             ctl.close(linger=0)
             info_path.unlink(missing_ok=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
             self.stop()
 
     def _serve_one(self, ctl: zmq.Socket[Any]) -> None:
@@ -279,6 +285,19 @@ class Supervisor:
         print("\n".join(lines), flush=True)
 
 
+def control_dir(data_dir: Path) -> Path:
+    """A fresh 0700 folder for the control socket: ``<data>/run`` when its ipc:// path
+    fits the kernel's limit (about 100 bytes), else a private temp folder. Only this
+    user can reach the socket; nothing listens on the network."""
+    candidate = data_dir.resolve() / "run"
+    if len(f"{candidate}/control") < 100:
+        shutil.rmtree(candidate, ignore_errors=True)
+        candidate.mkdir(mode=0o700)
+        candidate.chmod(0o700)
+        return candidate
+    return Path(tempfile.mkdtemp(prefix="imgpipe-ctl-"))
+
+
 def _descendants() -> list[psutil.Process]:
     try:
         return psutil.Process().children(recursive=True)
@@ -326,6 +345,11 @@ def main_up(argv: Sequence[str]) -> int:
         host = reachable_host(settings.gateway_host)
         settings = settings.with_overrides(gateway_url=f"http://{host}:{settings.gateway_port}")
     configure_logging(settings, "supervisor")
+    if not (keys.is_loopback(settings.bind_host) or settings.insecure
+            or keys.resolve(settings) is not None):
+        folder = keys.write(settings.data_dir)
+        print(f"imgpipe up: the ZeroMQ ports bind on {settings.bind_host!r}: made CURVE keys in "
+              f"{folder}; remote workers need server.key and a client pair", flush=True)
     autoscale = parse_range(settings.autoscale) if settings.autoscale else None
     workers = settings.workers
     if autoscale:

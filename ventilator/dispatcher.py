@@ -88,7 +88,8 @@ class Dispatcher:
         self._tokens = itertools.count(1)
         self.next_rescan = start
         self.counters = {"dispatched": 0, "retries": 0, "lost_tasks": 0, "failed_tasks": 0,
-                         "duplicates": 0, "recovered": 0, "adopted": 0, "stolen": 0}
+                         "duplicates": 0, "recovered": 0, "adopted": 0, "stolen": 0,
+                         "bad_messages": 0, "workers_lost": 0}
 
     # --- the job store ------------------------------------------------------------------
     def on_notice(self, now: float) -> None:
@@ -161,9 +162,13 @@ class Dispatcher:
         self.entries.pop(tid, None)
 
     # --- the bus --------------------------------------------------------------------------
-    def on_heartbeat(self, hb: Heartbeat, now: float) -> list[Action]:
-        """Registry update plus lease reconciliation with the worker's in-flight list."""
-        event, restarted = self.registry.heartbeat(hb, now)
+    def on_heartbeat(self, hb: Heartbeat, now: float, peer: str = "") -> list[Action]:
+        """Registry update plus lease reconciliation with the worker's in-flight list
+        (nothing, when the registry refuses the heartbeat)."""
+        known = self.registry.heartbeat(hb, now, peer)
+        if known is None:
+            return []
+        event, restarted = known
         actions: list[Action] = []
         if event:
             actions.append(self._event(event, now, worker=hb.worker,
@@ -212,6 +217,7 @@ class Dispatcher:
         """Declare silent workers lost and act on every lease whose deadline passed."""
         actions: list[Action] = []
         for w in self.registry.expire(now):
+            self.counters["workers_lost"] += 1
             actions.append(self._event("worker_lost", now, worker=w.hb.worker,
                                        detail=f"no heartbeat for {self.grace_s:g} s"))
             for e in self._inflight():
@@ -251,7 +257,9 @@ class Dispatcher:
             "dispatched": c["dispatched"], "retries": c["retries"],
             "lost_tasks": c["lost_tasks"], "failed_tasks": c["failed_tasks"],
             "duplicates": c["duplicates"], "recovered": c["recovered"],
-            "stolen": c["stolen"],
+            "stolen": c["stolen"], "bad_messages": c["bad_messages"],
+            "workers_lost": c["workers_lost"],
+            "heartbeats_refused": self.registry.refused,
             "workers": self.registry.counts(),
             "components": self.registry.component_ages(now),
             "uptime_s": round(now - self.started, 3),

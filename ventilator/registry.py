@@ -26,6 +26,7 @@ class WorkerInfo:
     hb: Heartbeat
     seen: float
     lost_at: float | None = None
+    peer: str = ""  # the CURVE key its heartbeats come with ("" on a plain plane)
 
     @property
     def alive(self) -> bool:
@@ -51,30 +52,37 @@ class Registry:
         self.lost_visible_s = lost_visible_s
         self.workers: dict[str, WorkerInfo] = {}
         self.components: dict[str, float] = {}
-        self.refused = 0  # heartbeats of new ids dropped while the registry was full
+        self.refused = 0  # heartbeats dropped: registry full, or a live id from another key
 
-    def heartbeat(self, hb: Heartbeat, now: float) -> tuple[str | None, bool]:
-        """Record ``hb``; (event, whether this is a restarted process under a known id).
+    def heartbeat(self, hb: Heartbeat, now: float,
+                  peer: str = "") -> tuple[str | None, bool] | None:
+        """Record ``hb``; (event, whether this is a restarted process under a known id),
+        or None when it is refused.
 
         The event is ``worker_joined``, ``worker_returned`` (a lost worker beats again,
         e.g. after SIGCONT) or None. A worker id seen again with another pid or
-        ``started`` time is a new process: whatever the old one held is gone.
+        ``started`` time is a new process: whatever the old one held is gone. ``peer``
+        is the CURVE key the heartbeat came with: a live worker's id is answered for
+        only by the key it joined with, so no other key holder can pose as it.
         """
         old = self.workers.get(hb.worker)
+        if old is not None and old.alive and old.peer != peer:
+            self.refused += 1
+            return None
         if old is None and len(self.workers) >= MAX_WORKERS:
             self.expire(now)
             if len(self.workers) >= MAX_WORKERS:
                 self.refused += 1
-                return None, False
+                return None
         self.components["worker"] = now
         restarted = old is not None and (
             old.hb.pid != hb.pid
             or bool(old.hb.started and hb.started and old.hb.started != hb.started))
         if old is None or restarted:
-            self.workers[hb.worker] = WorkerInfo(hb=hb, seen=now)
+            self.workers[hb.worker] = WorkerInfo(hb=hb, seen=now, peer=peer)
             return "worker_joined", restarted
         event = "worker_returned" if not old.alive else None
-        old.hb, old.seen, old.lost_at = hb, now, None
+        old.hb, old.seen, old.lost_at, old.peer = hb, now, None, peer
         return event, False
 
     def metric(self, msg: Metric, now: float) -> None:

@@ -119,6 +119,10 @@ class Ventilator:
             if self.disp.wants_rescan(now):
                 self.rescan(now)
             if now >= next_tick:
+                # Heartbeats first: after a stall of this process (a slow disk, a
+                # paused container) the beats are waiting in the socket, and judging
+                # liveness before reading them would declare healthy workers lost.
+                self.drain(self.bus, self.on_bus, limit=100 * DRAIN)
                 self.execute(self.disp.tick(now))
                 next_tick = now + TICK_S
             if now >= next_metric:
@@ -133,8 +137,8 @@ class Ventilator:
                 if handler is not None:
                     self.drain(s, handler)
 
-    def drain(self, s: zmq.Socket[Any], handler: Any) -> None:
-        for _ in range(DRAIN):
+    def drain(self, s: zmq.Socket[Any], handler: Any, limit: int = 0) -> None:
+        for _ in range(limit or DRAIN):
             try:
                 frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -142,6 +146,7 @@ class Ventilator:
             try:
                 handler(frames)
             except ProtocolError as exc:
+                self.disp.counters["bad_messages"] += 1
                 log.warning("dropped a bad message: %s", exc)
             except Exception:
                 log.exception("error handling a message")
@@ -155,7 +160,7 @@ class Ventilator:
         msg = decode_topic(frames)
         now = time.time()
         if isinstance(msg, Heartbeat):
-            self.execute(self.disp.on_heartbeat(msg, now))
+            self.execute(self.disp.on_heartbeat(msg, now, peer_key(frames[-1])))
         elif isinstance(msg, Claim):
             self.disp.on_claim(msg, now)
         elif isinstance(msg, Metric):
@@ -266,6 +271,14 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
         vent.close()
         if auth is not None:
             auth.stop()
+
+
+def peer_key(frame: Any) -> str:
+    """The CURVE public key (Z85) a message came with, "" on a plain plane."""
+    try:
+        return str(frame.get("User-Id"))
+    except (zmq.ZMQError, AttributeError):
+        return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -150,3 +150,29 @@ def test_collector_reports_a_bind_it_cannot_make(settings: Settings, zctx: zmq.C
             Collector(s, zctx).start()
     finally:
         first.stop()
+
+
+def test_no_frame_stops_the_collector_and_peers_cannot_grow_it(settings: Settings) -> None:
+    """Garbage is counted as bad; forged ids stop at MAX_PEERS until old ones expire."""
+    from imgpipe.core.protocol import encode_topic
+    from imgpipe.dashboard.fleet import MAX_PEERS
+
+    c = Collector(settings, ctx=None)
+    try:
+        junk: list[list[bytes]] = [[b"hb", b'{"v":1,"kind":[]}'], [b"metric", b"\xff"],
+                                   [b"hb", b"[" * 5000 + b"]" * 5000], [b"x"], [],
+                                   [b"hb", b'{"v":1,"kind":"heartbeat","worker":[]}']]
+        for frames in junk:
+            c.handle_frames(frames, now=100.0)
+        for i in range(MAX_PEERS + 500):
+            c.handle_frames(encode_topic(metric(f"src-{i}", "worker", 1)), now=100.0)
+            c.handle_frames(encode_topic(heartbeat(f"w-{i}", 1)), now=100.0)
+        snap = c.snapshot(now=100.0)
+        assert snap.bad == len(junk) + 2 * 500
+        assert len(snap.workers) == MAX_PEERS
+        assert len(c._sources) == MAX_PEERS and len(c._seq.sources) <= 2 * MAX_PEERS
+        c.sample(now=1000.0)  # everything stale: room again
+        c.handle_frames(encode_topic(heartbeat("late", 1)), now=1000.0)
+        assert [w["id"] for w in c.snapshot(now=1000.0).workers] == ["late"]
+    finally:
+        c.stop()
