@@ -63,9 +63,10 @@ SUBSCRIBER_WAIT_S = 2.0
 # OpenCV threads inside each filter process; see docs/worker.md for the measurements.
 POOL_CV2_THREADS = 1
 
-FLAGS = ("worker_serves", "worker_processes", "worker_threads", "worker_slots", "data_dir",
-         "light_task_endpoint", "heavy_task_endpoint", "result_endpoint", "bus_endpoint",
-         "dashboard_bus_endpoint", "heartbeat_interval_s", "metrics_interval_s", "log_level")
+FLAGS = ("worker_serves", "worker_processes", "worker_threads", "worker_slots", "shm_dir",
+         "data_dir", "light_task_endpoint", "heavy_task_endpoint", "result_endpoint",
+         "bus_endpoint", "dashboard_bus_endpoint", "heartbeat_interval_s",
+         "metrics_interval_s", "log_level")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,13 +100,13 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
     cv2.setNumThreads(1)  # parallelism comes from the slot threads, not inside a decode
     stats = Stats(worker=worker_id(), serves=settings.worker_serves,
                   slots=settings.worker_slots)
-    buffers = BufferSet(settings.worker_slots)
+    buffers = BufferSet(settings.worker_slots, shm_dir=settings.shm_dir)
     pool: FilterPool | None = None
     executor = ThreadPoolExecutor(settings.worker_slots, thread_name_prefix="slot")
     monitor: Monitor | None = None
     try:
         pool = FilterPool(settings.worker_processes, cv2_threads=POOL_CV2_THREADS,
-                          test_hooks=settings.test_hooks)
+                          test_hooks=settings.test_hooks, shm_dir=settings.shm_dir)
         live_pool = pool
         monitor = Monitor(settings, ctx, stats, extra=lambda: {
             "pool_processes": settings.worker_processes, "pool_restarts": live_pool.restarts,

@@ -1,15 +1,27 @@
-"""Shared-memory frame buffers: naming, reuse, growth, cleanup and sweep."""
+"""Shared-memory frame buffers: naming, reuse, growth, cleanup, sweep, and a full shm."""
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from imgpipe.workers.shm import SHM_DIR, BufferSet, attach, leftovers, sweep
+from imgpipe.core.errors import ImgpipeError
+from imgpipe.workers.shm import (
+    MB,
+    SHM_DIR,
+    BufferSet,
+    ShmFull,
+    attach,
+    free_bytes,
+    leftovers,
+    sweep,
+)
 
 FAKE_PID = 4_000_000 + os.getpid() % 100_000  # above pid_max: never a live process
 
@@ -84,3 +96,52 @@ def test_sweep_removes_only_that_pids_segments() -> None:
     finally:
         for name in mine + others:
             (SHM_DIR / name).unlink(missing_ok=True)
+
+
+# --- a full shm dir ----------------------------------------------------------------------
+
+def test_a_segment_bigger_than_the_free_space_is_shm_full_not_sigbus(
+        tmpfs: Callable[[str], Path]) -> None:
+    small = tmpfs("40m")
+    bs = BufferSet(1, shm_dir=small)
+    try:
+        buf = bs.acquire()
+        # A 6000x4000 RGB photo: 72 MB. shm_open + ftruncate would accept this size and
+        # the copy into it would SIGBUS this test process.
+        with pytest.raises(ShmFull) as info:
+            buf.ensure(6000 * 4000 * 3)
+        exc = info.value
+        assert isinstance(exc, ImgpipeError) and exc.field == "shm_dir"
+        assert isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENOSPC
+        assert str(small) in exc.detail and "69 MB frame" in exc.detail
+        assert "shm_size" in exc.detail and "IMGPIPE_MAX_PIXELS" in exc.detail
+        assert os.listdir(small) == [] and buf.shm is None  # nothing left behind
+        assert free_bytes(small) == 40 * MB
+
+        # What fits is reserved up front and can be written end to end.
+        view = buf.ensure(30 * MB)
+        np.ndarray((30 * MB,), np.uint8, buffer=view)[...] = 7
+        assert free_bytes(small) == 10 * MB
+        assert os.listdir(small) == [buf.name]
+    finally:
+        bs.close()
+    assert os.listdir(small) == []
+
+
+def test_a_replaced_segment_gives_its_memory_back_though_still_mapped(
+        tmpfs: Callable[[str], Path]) -> None:
+    """A filter process keeps old segments mapped; their pages must not count."""
+    small = tmpfs("40m")
+    bs = BufferSet(1, shm_dir=small)
+    try:
+        buf = bs.acquire()
+        buf.ensure(20 * MB)
+        held = attach(buf.name, small)  # as a filter process's mapping cache does
+        try:
+            buf.ensure(30 * MB)  # 20 + 30 > 40 if the old pages were still taken
+            assert buf.size == 30 * MB and free_bytes(small) == 10 * MB
+        finally:
+            held.close()
+        assert bs.names == [buf.name]
+    finally:
+        bs.close()
