@@ -38,7 +38,8 @@ import queue
 import threading
 from pathlib import Path
 
-from imgpipe.core.errors import ImgpipeError
+from imgpipe.core.config import Settings
+from imgpipe.core.errors import ConfigError, ImgpipeError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ SHM_DIR = Path("/dev/shm")
 PREFIX = "imgpipe-"
 PAGE = mmap.PAGESIZE
 MB = 1 << 20
+# Decoded frames are 8-bit gray, RGB or RGBA (16-bit images are scaled to 8 bits), so
+# a frame of N pixels takes at most 4N bytes.
+FRAME_BYTES_PER_PIXEL = 4
 
 # One counter per process: a name is never reused, so a filter process that still maps
 # an old segment by name can never confuse it with a new one.
@@ -116,6 +120,42 @@ def free_bytes(shm_dir: Path = SHM_DIR) -> int:
 def round_up(nbytes: int) -> int:
     """Segments grow in 1 MB steps, so slightly different frame sizes share a segment."""
     return max(PAGE, (nbytes + MB - 1) // MB * MB)
+
+
+def slot_bytes(max_pixels: int) -> int:
+    """The most shared memory one slot holds: one frame of ``max_pixels`` RGBA pixels.
+
+    A slot's segment holds the decoded frame and then the chain's result (the same
+    segment, or a bigger one that replaces it), so never two frames at once; both
+    are bounded by the pixel limit.
+    """
+    return round_up(max_pixels * FRAME_BYTES_PER_PIXEL)
+
+
+def plan_slots(settings: Settings) -> tuple[int, str]:
+    """How many slots the shm dir can hold at ``max_pixels``, and a note when that is
+    fewer than ``worker_slots``; ConfigError, saying what to change, when not even one.
+
+    Free space is what matters, not the size: workers and others on one host share it.
+    """
+    shm_dir, slots = settings.shm_dir, settings.worker_slots
+    try:
+        free = free_bytes(shm_dir)
+    except OSError as exc:
+        raise ConfigError(f"IMGPIPE_SHM_DIR={str(shm_dir)!r}: {exc.strerror}; point it at a "
+                          "tmpfs such as /dev/shm", field="shm_dir") from None
+    per_slot = slot_bytes(settings.max_pixels)
+    fits = free // per_slot
+    if fits >= slots:
+        return slots, ""
+    need = (f"{shm_dir} has {free / MB:.0f} MB free and one frame at IMGPIPE_MAX_PIXELS="
+            f"{settings.max_pixels} takes up to {per_slot / MB:.0f} MB")
+    if fits < 1:
+        raise ConfigError(f"no room for one frame: {need}; raise the shm size to at least "
+                          f"{slots * per_slot / MB:.0f} MB for {slots} slot(s) (Docker: "
+                          "shm_size) or lower IMGPIPE_MAX_PIXELS", field="shm_dir")
+    return int(fits), (f"slots lowered from {slots} to {fits}: {need}; raise the shm size "
+                       "(Docker: shm_size) or lower IMGPIPE_MAX_PIXELS")
 
 
 class Segment:

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgpipe.core.errors import ImgpipeError
+from imgpipe.core.config import Settings
+from imgpipe.core.errors import ConfigError, ImgpipeError
+from imgpipe.workers import shm
 from imgpipe.workers.shm import (
     MB,
     SHM_DIR,
@@ -20,6 +22,8 @@ from imgpipe.workers.shm import (
     attach,
     free_bytes,
     leftovers,
+    plan_slots,
+    slot_bytes,
     sweep,
 )
 
@@ -145,3 +149,42 @@ def test_a_replaced_segment_gives_its_memory_back_though_still_mapped(
         assert bs.names == [buf.name]
     finally:
         bs.close()
+
+
+@pytest.mark.parametrize(("slots", "max_pixels", "free", "want"), [
+    (2, 1_000_000, 64 * MB, (2, "")),              # 4 MB a slot: plenty
+    (4, 8_000_000, 64 * MB, (2, "from 4 to 2")),   # 31 MB a slot: two fit
+    (2, 8_000_000, 40 * MB, (1, "from 2 to 1")),
+])
+def test_slots_are_lowered_to_what_the_shm_dir_holds(
+        monkeypatch: pytest.MonkeyPatch, slots: int, max_pixels: int, free: int,
+        want: tuple[int, str]) -> None:
+    monkeypatch.setattr(shm, "free_bytes", lambda _dir: free)
+    settings = Settings(worker_slots=slots, max_pixels=max_pixels)
+    got, note = plan_slots(settings)
+    assert got == want[0] and (want[1] in note if want[1] else note == "")
+    if note:
+        assert "/dev/shm has" in note and f"IMGPIPE_MAX_PIXELS={max_pixels}" in note
+
+
+def test_slot_bytes_is_one_rgba_frame_at_the_pixel_limit() -> None:
+    assert slot_bytes(50_000_000) == 191 * MB  # 200 MB, in whole MiB
+    assert slot_bytes(1) == MB  # segments come in whole MiB
+
+
+def test_no_room_for_one_frame_refuses_to_start_saying_what_to_change(
+        tmpfs: Callable[[str], Path]) -> None:
+    small = tmpfs("40m")
+    settings = Settings(shm_dir=small, worker_slots=2, max_pixels=8_000_000)
+    assert plan_slots(settings)[0] == 1  # a real 40 MB tmpfs holds one 31 MB frame
+    with pytest.raises(ConfigError) as info:
+        plan_slots(Settings(shm_dir=small, worker_slots=2, max_pixels=50_000_000))
+    detail = info.value.detail
+    assert "no room for one frame" in detail and "40 MB free" in detail
+    assert "IMGPIPE_MAX_PIXELS=50000000" in detail and "382 MB for 2 slot(s)" in detail
+    assert "shm_size" in detail and info.value.field == "shm_dir"
+
+
+def test_a_missing_shm_dir_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="IMGPIPE_SHM_DIR=.*tmpfs"):
+        plan_slots(Settings(shm_dir=tmp_path / "nowhere"))
