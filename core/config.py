@@ -98,6 +98,9 @@ class Settings:
     worker_threads: int = _doc("decode/encode threads per worker", 2)
     worker_slots: int = _doc("tasks a worker holds at once (decoding, filtering, encoding)", 2)
     worker_serves: str = _doc("cost classes a worker takes: light, heavy or all", "all")
+    shm_dir: Path = _doc("where workers put frame segments: a tmpfs (Docker: size it with "
+                         "shm_size); the supervisor sweeps dead workers' segments there",
+                         Path("/dev/shm"))
 
     # --- gateway ------------------------------------------------------------------
     gateway_workers: int = _doc("gunicorn worker processes", 2)

@@ -7,8 +7,8 @@ asks it with :func:`ask`, which sends one :class:`Request` and waits for the
 
 ``ping``     ``{"role": "ventilator", "pid", "uptime_s"}``
 ``workers``  list of ``{"id", "host", "pid", "state" (idle|busy|lost), "serves", "slots",
-             "free", "inflight", "done", "failed", "cpu", "rss", "last_beat_age_s",
-             "started"}``
+             "free", "inflight", "done", "failed", "cpu", "rss", "shm_bytes", "note",
+             "last_beat_age_s", "started"}``
 ``stats``    ``{"queue_depth", "queued": {"light", "heavy"}, "inflight", "dispatched",
              "retries", "lost_tasks", "failed_tasks", "bad_messages", "heartbeats_refused",
              "workers_lost",

@@ -134,6 +134,8 @@ class Heartbeat(Message):
     cpu: float = 0.0
     rss: int = 0
     started: float = 0.0
+    shm_bytes: int = 0  # shared memory the worker's frame segments hold now
+    note: str = ""  # why the worker runs below what it was asked (e.g. slots lowered)
 
 
 @dataclass

@@ -86,6 +86,10 @@ SCHEMAS: dict[str, Any] = {
         "done": {"type": "integer"}, "failed": {"type": "integer"},
         "cpu": {"type": "number", "description": "CPU %"},
         "rss": {"type": "integer", "description": "resident memory, bytes"},
+        "shm_bytes": {"type": "integer",
+                      "description": "shared memory its frame segments hold, bytes"},
+        "note": {"type": "string", "description": "why the worker runs below what it was "
+                 "asked (e.g. slots lowered to fit its shared memory); empty when it does not"},
         "last_beat_age_s": {"type": "number"}, "started": {"type": "number"}}},
     "Workers": {"type": "object", "required": ["workers"], "properties": {
         "workers": {"type": "array", "items": _ref("Worker")}}},

@@ -160,7 +160,7 @@ class Supervisor:
         if child.role == "worker":
             from imgpipe.workers.shm import sweep
 
-            swept = sweep(pid)
+            swept = sweep(pid, self.settings.shm_dir)
             if swept:
                 log.info("swept %d shared-memory segment(s) of %s", swept, child.name)
 

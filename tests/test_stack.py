@@ -65,9 +65,14 @@ def test_stop_leaves_no_process_and_no_shared_memory(stack_factory: Any) -> None
     assert not (stack.settings.data_dir / SUPERVISOR_FILE).exists()
 
 
-def test_a_killed_child_is_restarted(stack_factory: Any) -> None:
-    stack = stack_factory(1)
+def test_a_killed_child_is_restarted_and_its_segments_swept(
+        stack_factory: Any, tmp_path: Path) -> None:
+    shm_dir = tmp_path / "shm"  # the setting, not /dev/shm: the supervisor sweeps there
+    shm_dir.mkdir()
+    stack = stack_factory(1, shm_dir=shm_dir)
     old = stack.wait_workers(1)[0]
+    left = shm_dir / f"imgpipe-{old['pid']}-0"  # as a frame segment it held would be
+    left.write_bytes(b"\0" * 4096)
     os.kill(old["pid"], signal.SIGKILL)
 
     def replaced() -> bool:
@@ -75,7 +80,7 @@ def test_a_killed_child_is_restarted(stack_factory: Any) -> None:
         return len(ws) == 1 and ws[0]["pid"] != old["pid"]
 
     wait_for(replaced, 60, interval=0.3, what="a new worker after SIGKILL")
-    assert not shm_segments({old["pid"]})
+    assert not left.exists() and not shm_segments({old["pid"]})
 
 
 def test_submit_uploads_waits_and_saves_every_output(stack_factory: Any, tmp_path: Path) -> None:

@@ -131,7 +131,7 @@ class Registry:
                 "id": wid, "host": hb.host, "pid": hb.pid, "state": w.state,
                 "serves": hb.serves, "slots": hb.slots, "free": hb.free,
                 "inflight": len(hb.inflight), "done": hb.done, "failed": hb.failed,
-                "cpu": hb.cpu, "rss": hb.rss,
+                "cpu": hb.cpu, "rss": hb.rss, "shm_bytes": hb.shm_bytes, "note": hb.note,
                 "last_beat_age_s": round(now - w.seen, 3), "started": hb.started,
             })
         return rows

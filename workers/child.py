@@ -8,7 +8,8 @@ Request ``{"seg", "shape", "dtype", "ops", "max_pixels"}`` -> reply ``{"ok": tru
 "ms"}`` once the result sits at the start of the same segment, or ``{"ok": false,
 "error"}`` when the chain raised. A result larger than the segment is answered
 ``{"need": nbytes}`` first; the worker replies ``{"seg": bigger}`` and the result is
-copied there (the worker owns every segment's life; this process only maps them).
+copied there (the worker owns every segment's life; this process only maps them), or
+``{"seg": null}`` when it has no room for one, and the result is dropped.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import signal
 import time
 from collections import OrderedDict
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from imgpipe.filters import apply_chain, parse_chain
-from imgpipe.workers.shm import attach
+from imgpipe.workers.shm import SHM_DIR, attach
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +54,15 @@ def tune_malloc() -> None:
 class Mappings:
     """Segments this process has mapped, kept open so reused segments cost no faults."""
 
-    def __init__(self, limit: int = MAX_MAPPED) -> None:
+    def __init__(self, limit: int = MAX_MAPPED, shm_dir: Path = SHM_DIR) -> None:
         self.limit = limit
+        self.shm_dir = Path(shm_dir)
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
 
     def get(self, name: str) -> mmap.mmap:
         mm = self._maps.get(name)
         if mm is None:
-            mm = self._maps[name] = attach(name)
+            mm = self._maps[name] = attach(name, self.shm_dir)
             while len(self._maps) > self.limit:
                 _, old = self._maps.popitem(last=False)
                 old.close()
@@ -90,6 +93,8 @@ def run_job(req: dict[str, Any], maps: Mappings, conn: Connection) -> dict[str, 
     if out.nbytes > len(mm):
         conn.send_bytes(json.dumps({"need": out.nbytes}).encode())
         answer = json.loads(conn.recv_bytes())
+        if answer.get("seg") is None:
+            return {"ok": False, "error": "no shared memory for the result"}
         target = maps.get(answer["seg"])
     dst = np.ndarray(out.shape, dtype=out.dtype, buffer=target)
     np.copyto(dst, out)
@@ -104,7 +109,8 @@ def _message(exc: BaseException) -> str:
         f"filter failed: {type(exc).__name__}: {detail}"
 
 
-def main(conn: Connection, cv2_threads: int, test_hooks: bool) -> None:
+def main(conn: Connection, cv2_threads: int, test_hooks: bool, shm_dir: str = str(SHM_DIR)
+         ) -> None:
     """Serve requests until the worker closes the pipe (it exits, or drops this process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to handle
     tune_malloc()
@@ -115,7 +121,7 @@ def main(conn: Connection, cv2_threads: int, test_hooks: bool) -> None:
         from imgpipe.filters.testing import enable_test_filters
 
         enable_test_filters()
-    maps = Mappings()
+    maps = Mappings(shm_dir=Path(shm_dir))
     try:
         while True:
             try:

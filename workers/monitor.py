@@ -42,6 +42,7 @@ class Stats:
     worker: str
     serves: str
     slots: int
+    note: str = ""  # why the worker runs below what it was asked (see shm.plan_slots)
     started: float = field(default_factory=time.time)
     inflight: dict[str, int] = field(default_factory=dict)
     done: int = 0
@@ -181,16 +182,19 @@ class Monitor(threading.Thread):
                          ts=time.time(), state="busy" if inflight else "idle", serves=s.serves,
                          slots=s.slots, free=max(0, s.slots - len(inflight)),
                          inflight=inflight, done=done, failed=failed, cpu=cpu, rss=rss,
-                         started=s.started)
+                         started=s.started, shm_bytes=int(self._extra().get("shm_bytes", 0)),
+                         note=s.note)
 
     def metric(self) -> Metric:
         values = self.stats.snapshot()
         values.update(cpu=self.resources.last[0], rss=self.resources.last[1])
-        if self.extra is not None:
-            values.update(self.extra())
+        values.update(self._extra())
         self._metric_seq += 1
         return Metric(source=self.stats.worker, role="worker", seq=self._metric_seq,
                       ts=time.time(), values=values)
+
+    def _extra(self) -> dict[str, Any]:
+        return {} if self.extra is None else dict(self.extra())
 
     def run(self) -> None:
         pub = make_socket(self.ctx, zmq.PUB, self.settings, connect=self.settings.bus_endpoints,

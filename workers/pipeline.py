@@ -8,7 +8,8 @@ with the GIL released, while the filter stage only waits on a pool process.
 Where the pixels live: the decoded frame is copied once into the slot's shared-memory
 buffer, the filter process reads it there and writes its result back into the same
 buffer (or a bigger one), and the encoder reads the result from there. Only the
-segment's name, shape and dtype cross the process boundary.
+segment's name, shape and dtype cross the process boundary. A frame the worker has
+no shared memory for (ShmFull) hands the task back (``retry``) for another worker.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from imgpipe.filters import (
     parse_chain,
 )
 from imgpipe.workers.pool import DeadlineExceeded, FilterFailed, FilterPool, PoolError, ProcessDied
-from imgpipe.workers.shm import Buffer, BufferSet
+from imgpipe.workers.shm import Buffer, BufferSet, ShmFull
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ def process_task(task: Task, pool: FilterPool, buffers: BufferSet, opts: Options
         result.error = _message(exc)
     except (DeadlineExceeded, ProcessDied) as exc:
         result.error, result.retry = str(exc), True
+    except ShmFull as exc:  # this worker's shared memory, not the image: another may fit it
+        log.warning("task %s handed back: %s", task.task_id, exc.detail)
+        result.error, result.retry = f"worker out of shared memory: {exc.detail}", True
     except PoolError as exc:
         result.error, result.retry = f"filter pool unavailable: {exc}", True
     except Exception as exc:  # noqa: BLE001 - one bad task must not stop the worker

@@ -26,10 +26,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 from imgpipe.filters import DEFAULT_MAX_PIXELS
 from imgpipe.workers import child
+from imgpipe.workers.shm import SHM_DIR
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +71,11 @@ class FilterPool:
     """``processes`` filter processes; :meth:`run` is called from many threads at once."""
 
     def __init__(self, processes: int, *, cv2_threads: int = 1, test_hooks: bool = False,
-                 start_method: str = "forkserver") -> None:
+                 start_method: str = "forkserver", shm_dir: Path = SHM_DIR) -> None:
         self._mp: Any = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             self._mp.set_forkserver_preload(["imgpipe.workers.child"])
-        self._args = (cv2_threads, test_hooks)
+        self._args = (cv2_threads, test_hooks, str(shm_dir))
         self._lock = threading.Lock()
         self._all: dict[int, _Member] = {}
         self._idle: queue.Queue[_Member] = queue.Queue()
@@ -97,11 +99,12 @@ class FilterPool:
         """Run ``ops`` on the frame in segment ``seg``; the result is left in a segment.
 
         ``deadline`` is wall-clock seconds since the epoch (0: none). ``grow(nbytes)``
-        returns a segment big enough for a result larger than its input. Raises
+        returns a segment big enough for a result larger than its input; what it raises
+        (no room) is raised here once the process has dropped that result. Raises
         FilterFailed (final), ProcessDied or DeadlineExceeded (retryable).
         """
         member = self._checkout(deadline)
-        keep = True
+        keep = False  # only a process that finished its conversation serves the next task
         try:
             request = json.dumps({"seg": seg, "shape": list(shape), "dtype": dtype,
                                   "ops": ops, "max_pixels": max_pixels}).encode()
@@ -113,21 +116,26 @@ class FilterPool:
                 reply = json.loads(raw)
                 if "need" not in reply:
                     break
-                if grow is None:
-                    raise FilterFailed(f"filter result of {reply['need']} bytes does not fit")
-                seg = grow(int(reply["need"]))
+                try:
+                    if grow is None:
+                        raise FilterFailed(f"filter result of {reply['need']} bytes "
+                                           "does not fit")
+                    seg = grow(int(reply["need"]))
+                except Exception:
+                    member.conn.send_bytes(b'{"seg": null}')  # drop it, then say so
+                    self._await(member, deadline, ops)
+                    keep = True
+                    raise
                 answer = json.dumps({"seg": seg}).encode()
                 sent += len(answer)
                 member.conn.send_bytes(answer)
+            keep = True
             with self._lock:
                 self.ipc_bytes += sent
             if not reply.get("ok"):
                 raise FilterFailed(str(reply.get("error") or "filter failed"))
             return FilterOutput(shape=tuple(reply["shape"]), dtype=str(reply["dtype"]),
                                 ms=float(reply["ms"]), seg=seg, ipc_bytes=sent)
-        except PoolError:
-            keep = False
-            raise
         finally:
             self._checkin(member, keep)
 

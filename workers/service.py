@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import queue
 import socket
@@ -35,7 +36,7 @@ from typing import Any
 import zmq
 
 from imgpipe.core.config import Settings, add_settings_args, settings_from_args
-from imgpipe.core.errors import ProtocolError
+from imgpipe.core.errors import ConfigError, ProtocolError
 from imgpipe.core.protocol import TOPIC_CLAIM, Claim, Result, Task, decode, encode, encode_topic
 from imgpipe.core.runtime import serve
 from imgpipe.core.sockets import TASK_BUFFER_BYTES, make_socket
@@ -43,7 +44,7 @@ from imgpipe.workers.child import tune_malloc
 from imgpipe.workers.monitor import Monitor, Stats, worker_id
 from imgpipe.workers.pipeline import Options, process_task
 from imgpipe.workers.pool import FilterPool
-from imgpipe.workers.shm import BufferSet
+from imgpipe.workers.shm import BufferSet, plan_slots
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,10 @@ SUBSCRIBER_WAIT_S = 2.0
 # OpenCV threads inside each filter process; see docs/worker.md for the measurements.
 POOL_CV2_THREADS = 1
 
-FLAGS = ("worker_serves", "worker_processes", "worker_threads", "worker_slots", "data_dir",
-         "light_task_endpoint", "heavy_task_endpoint", "result_endpoint", "bus_endpoint",
-         "dashboard_bus_endpoint", "heartbeat_interval_s", "metrics_interval_s", "log_level")
+FLAGS = ("worker_serves", "worker_processes", "worker_threads", "worker_slots", "shm_dir",
+         "data_dir", "light_task_endpoint", "heavy_task_endpoint", "result_endpoint",
+         "bus_endpoint", "dashboard_bus_endpoint", "heartbeat_interval_s",
+         "metrics_interval_s", "log_level")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,7 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Run one worker: pull tasks from the ventilator, push results to the sink.")
     add_settings_args(parser, *FLAGS)
     settings = settings_from_args(parser.parse_args(argv))
-    return serve(run, settings, "worker")
+    try:
+        return serve(run, settings, "worker")
+    except ConfigError as exc:  # the shared memory cannot hold one frame (plan_slots)
+        log.error("worker not started: %s", exc.detail)
+        return 2
 
 
 def task_endpoints(settings: Settings) -> list[str]:
@@ -87,8 +93,17 @@ def task_endpoints(settings: Settings) -> list[str]:
 
 def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | None = None
         ) -> None:
-    """Serve tasks until ``stop`` is set; leave no process or shared memory behind."""
+    """Serve tasks until ``stop`` is set; leave no process or shared memory behind.
+
+    Raises ConfigError before starting anything when the shm dir cannot hold one
+    frame at ``max_pixels``; with room for fewer frames than ``worker_slots``, runs
+    that many slots and says so (log, heartbeat ``note``, the started event).
+    """
     stop = stop or threading.Event()
+    slots, note = plan_slots(settings)
+    if note:
+        log.warning("%s", note)
+        settings = dataclasses.replace(settings, worker_slots=slots)
     if settings.test_hooks:
         from imgpipe.filters.testing import enable_test_filters
 
@@ -98,21 +113,22 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
 
     cv2.setNumThreads(1)  # parallelism comes from the slot threads, not inside a decode
     stats = Stats(worker=worker_id(), serves=settings.worker_serves,
-                  slots=settings.worker_slots)
-    buffers = BufferSet(settings.worker_slots)
+                  slots=settings.worker_slots, note=note)
+    buffers = BufferSet(settings.worker_slots, shm_dir=settings.shm_dir)
     pool: FilterPool | None = None
     executor = ThreadPoolExecutor(settings.worker_slots, thread_name_prefix="slot")
     monitor: Monitor | None = None
     try:
         pool = FilterPool(settings.worker_processes, cv2_threads=POOL_CV2_THREADS,
-                          test_hooks=settings.test_hooks)
+                          test_hooks=settings.test_hooks, shm_dir=settings.shm_dir)
         live_pool = pool
         monitor = Monitor(settings, ctx, stats, extra=lambda: {
             "pool_processes": settings.worker_processes, "pool_restarts": live_pool.restarts,
             "ipc_bytes": live_pool.ipc_bytes, "shm_bytes": buffers.total_bytes})
         monitor.start()
         monitor.event("worker_started", f"serves {settings.worker_serves}, "
-                      f"{settings.worker_slots} slots, {settings.worker_processes} processes")
+                      f"{settings.worker_slots} slots, {settings.worker_processes} processes"
+                      + (f"; {note}" if note else ""))
         log.info("worker %s serving %s from %s", stats.worker, settings.worker_serves,
                  ", ".join(task_endpoints(settings)))
         TaskLoop(settings, ctx, stats, pool, buffers, executor, monitor).run(stop)

@@ -10,34 +10,57 @@ Every segment is named ``imgpipe-<worker pid>-<k>`` (k counts up per worker), so
 supervisor that sees a worker die can remove exactly that worker's segments with
 :func:`sweep`. A clean shutdown unlinks everything itself (:meth:`BufferSet.close`).
 
-The worker creates and unlinks segments (``multiprocessing.shared_memory``); filter
-processes only *attach* (:func:`attach`), by mapping the file under ``/dev/shm``
-without registering it with multiprocessing's resource tracker: on Python < 3.13 an
-attaching process's registration would make the tracker unlink or warn about a
-segment that the worker still owns.
+**Memory is reserved when a segment is made.** ``shm_open`` + ``ftruncate`` (what
+``multiprocessing.shared_memory`` does) only sets a file size; the tmpfs pages are
+taken on first write, and when ``/dev/shm`` is full (a container's is 64 MB) that
+write is a SIGBUS that kills the process. So the worker makes each segment itself:
+a file under the shm dir (``O_CREAT | O_EXCL``, mode 0600), ``posix_fallocate`` over
+its whole size, then ``mmap``. A full shm dir is then :class:`ShmFull` at creation,
+the file is removed, and the task that asked is handed back for another worker.
+Filter processes only *attach* (:func:`attach`) by path; nothing is registered with
+multiprocessing's resource tracker, so no process but the worker ever unlinks.
+
+A replaced segment is truncated to 0 bytes before it is unlinked: a filter process
+keeps up to six mappings open, and tmpfs frees an unlinked file's pages only when the
+last mapping goes, so without the truncate an old frame would hold its memory until
+then. No process reads a replaced segment again (its name is never handed out twice).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import mmap
 import os
 import queue
 import threading
-from multiprocessing import shared_memory
 from pathlib import Path
+
+from imgpipe.core.config import Settings
+from imgpipe.core.errors import ConfigError, ImgpipeError
 
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "imgpipe-"
 PAGE = mmap.PAGESIZE
+MB = 1 << 20
+# Decoded frames are 8-bit gray, RGB or RGBA (16-bit images are scaled to 8 bits), so
+# a frame of N pixels takes at most 4N bytes.
+FRAME_BYTES_PER_PIXEL = 4
 
 # One counter per process: a name is never reused, so a filter process that still maps
 # an old segment by name can never confuse it with a new one.
 _NEXT = itertools.count()
+
+
+class ShmFull(ImgpipeError):
+    """The shm dir has no room for a frame segment: this worker's limit, not the image's."""
+
+    status = 507
+    error = "shm_full"
 
 
 def segment_prefix(pid: int) -> str:
@@ -45,7 +68,7 @@ def segment_prefix(pid: int) -> str:
     return f"{PREFIX}{pid}-"
 
 
-def sweep(pid: int) -> int:
+def sweep(pid: int, shm_dir: Path = SHM_DIR) -> int:
     """Unlink the shared-memory segments of worker ``pid`` (dead or stopping); how many.
 
     Safe to call for a pid that left nothing behind, and racing with another sweep.
@@ -53,7 +76,7 @@ def sweep(pid: int) -> int:
     removed = 0
     prefix = segment_prefix(pid)
     try:
-        names = [p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix)]
+        names = [p.name for p in shm_dir.iterdir() if p.name.startswith(prefix)]
     except FileNotFoundError:
         return 0
     for name in names:
@@ -61,7 +84,7 @@ def sweep(pid: int) -> int:
         if not name[len(prefix):].isdigit():
             continue
         try:
-            (SHM_DIR / name).unlink()
+            (shm_dir / name).unlink()
             removed += 1
         except FileNotFoundError:
             pass
@@ -70,28 +93,123 @@ def sweep(pid: int) -> int:
     return removed
 
 
-def leftovers(pid: int) -> list[str]:
+def leftovers(pid: int, shm_dir: Path = SHM_DIR) -> list[str]:
     """Names of worker ``pid``'s segments still present (for tests and health checks)."""
     prefix = segment_prefix(pid)
     try:
-        return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix))
+        return sorted(p.name for p in shm_dir.iterdir() if p.name.startswith(prefix))
     except FileNotFoundError:
         return []
 
 
-def attach(name: str) -> mmap.mmap:
-    """Map an existing segment read-write, without the resource tracker (see module doc)."""
-    fd = os.open(SHM_DIR / name, os.O_RDWR)
+def attach(name: str, shm_dir: Path = SHM_DIR) -> mmap.mmap:
+    """Map an existing segment read-write (its pages were reserved when it was made)."""
+    fd = os.open(shm_dir / name, os.O_RDWR)
     try:
         return mmap.mmap(fd, 0)
     finally:
         os.close(fd)
 
 
-def _round_up(nbytes: int) -> int:
+def free_bytes(shm_dir: Path = SHM_DIR) -> int:
+    """Bytes that can still be allocated in ``shm_dir`` (OSError if it is not there)."""
+    st = os.statvfs(shm_dir)
+    return st.f_bavail * st.f_frsize
+
+
+def round_up(nbytes: int) -> int:
     """Segments grow in 1 MB steps, so slightly different frame sizes share a segment."""
-    step = 1 << 20
-    return max(PAGE, (nbytes + step - 1) // step * step)
+    return max(PAGE, (nbytes + MB - 1) // MB * MB)
+
+
+def slot_bytes(max_pixels: int) -> int:
+    """The most shared memory one slot holds: one frame of ``max_pixels`` RGBA pixels.
+
+    A slot's segment holds the decoded frame and then the chain's result (the same
+    segment, or a bigger one that replaces it), so never two frames at once; both
+    are bounded by the pixel limit.
+    """
+    return round_up(max_pixels * FRAME_BYTES_PER_PIXEL)
+
+
+def plan_slots(settings: Settings) -> tuple[int, str]:
+    """How many slots the shm dir can hold at ``max_pixels``, and a note when that is
+    fewer than ``worker_slots``; ConfigError, saying what to change, when not even one.
+
+    Free space is what matters, not the size: workers and others on one host share it.
+    """
+    shm_dir, slots = settings.shm_dir, settings.worker_slots
+    try:
+        free = free_bytes(shm_dir)
+    except OSError as exc:
+        raise ConfigError(f"IMGPIPE_SHM_DIR={str(shm_dir)!r}: {exc.strerror}; point it at a "
+                          "tmpfs such as /dev/shm", field="shm_dir") from None
+    per_slot = slot_bytes(settings.max_pixels)
+    fits = free // per_slot
+    if fits >= slots:
+        return slots, ""
+    need = (f"{shm_dir} has {free / MB:.0f} MB free and one frame at IMGPIPE_MAX_PIXELS="
+            f"{settings.max_pixels} takes up to {per_slot / MB:.0f} MB")
+    if fits < 1:
+        raise ConfigError(f"no room for one frame: {need}; raise the shm size to at least "
+                          f"{slots * per_slot / MB:.0f} MB for {slots} slot(s) (Docker: "
+                          "shm_size) or lower IMGPIPE_MAX_PIXELS", field="shm_dir")
+    return int(fits), (f"slots lowered from {slots} to {fits}: {need}; raise the shm size "
+                       "(Docker: shm_size) or lower IMGPIPE_MAX_PIXELS")
+
+
+class Segment:
+    """One file under the shm dir, its pages reserved, mapped read-write."""
+
+    def __init__(self, shm_dir: Path, name: str, size: int) -> None:
+        self.name, self.size = name, size
+        self.path = shm_dir / name
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except OSError as exc:
+            _raise_full(exc, shm_dir, size)
+            raise
+        try:
+            os.posix_fallocate(fd, 0, size)
+            self._mm = mmap.mmap(fd, size)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            _raise_full(exc, shm_dir, size)
+            raise
+        finally:
+            os.close(fd)
+        self.buf: memoryview = memoryview(self._mm)
+
+    def destroy(self) -> None:
+        """Unmap, give the pages back (truncate) and unlink; the name is gone after this."""
+        try:
+            self.buf.release()
+            self._mm.close()
+        except BufferError:
+            # A numpy view still points into it: the mapping outlives us, the name does
+            # not. Its pages stay reserved until the view goes; truncating would turn a
+            # read through that view into a SIGBUS.
+            log.debug("segment %s still viewed at close", self.name)
+        else:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, 0)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _raise_full(exc: OSError, shm_dir: Path, size: int) -> None:
+    """ShmFull, saying what to change, for 'no room' (ENOSPC: no pages or no inodes
+    left; ENOMEM: a memory limit); any other OSError is left to the caller."""
+    if exc.errno not in (errno.ENOSPC, errno.ENOMEM):
+        return
+    try:
+        free = f"{free_bytes(shm_dir) / MB:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    raise ShmFull(f"no shared memory for a {size / MB:.0f} MB frame in {shm_dir} ({free}); "
+                  "raise the worker's shm size (Docker: shm_size) or lower "
+                  "IMGPIPE_MAX_PIXELS or IMGPIPE_WORKER_SLOTS", field="shm_dir") from exc
 
 
 class Buffer:
@@ -99,7 +217,7 @@ class Buffer:
 
     def __init__(self, owner: BufferSet) -> None:
         self._owner = owner
-        self.shm: shared_memory.SharedMemory | None = None
+        self.shm: Segment | None = None
 
     @property
     def name(self) -> str:
@@ -111,14 +229,17 @@ class Buffer:
         return 0 if self.shm is None else self.shm.size
 
     def ensure(self, nbytes: int) -> memoryview:
-        """A writable view of at least ``nbytes``, replacing the segment only if too small."""
+        """A writable view of at least ``nbytes``, replacing the segment only if too small.
+
+        The old segment goes first (its contents are never needed by then), so a slot
+        holds one frame's memory at a time. Raises ShmFull when the shm dir is full.
+        """
         if self.shm is None or self.shm.size < nbytes:
-            old, self.shm = self.shm, self._owner._create(_round_up(nbytes))
-            if old is not None:
+            if self.shm is not None:
+                old, self.shm = self.shm, None
                 self._owner._destroy(old)
-        buf = self.shm.buf
-        assert buf is not None
-        return buf
+            self.shm = self._owner._create(round_up(nbytes))
+        return self.shm.buf
 
     def close(self) -> None:
         if self.shm is not None:
@@ -133,10 +254,12 @@ class BufferSet:
     worker holds at once to ``count`` (plus the one a decode thread is producing).
     """
 
-    def __init__(self, count: int, *, pid: int | None = None) -> None:
+    def __init__(self, count: int, *, pid: int | None = None,
+                 shm_dir: Path = SHM_DIR) -> None:
         self.pid = os.getpid() if pid is None else pid
+        self.shm_dir = Path(shm_dir)
         self._lock = threading.Lock()
-        self._live: dict[str, shared_memory.SharedMemory] = {}
+        self._live: dict[str, Segment] = {}
         self._all = [Buffer(self) for _ in range(count)]
         # LIFO: the buffer used last is warm (mapped, sized), so it is handed out first.
         self._free: queue.LifoQueue[Buffer] = queue.LifoQueue()
@@ -170,33 +293,28 @@ class BufferSet:
         with self._lock:
             rest = list(self._live.values())
             self._live.clear()
-        for shm in rest:
-            self._unlink(shm)
-        sweep(self.pid)
+        for seg in rest:
+            seg.destroy()
+        sweep(self.pid, self.shm_dir)
 
     # --- segments ---------------------------------------------------------------------
-    def _create(self, size: int) -> shared_memory.SharedMemory:
+    def _create(self, size: int) -> Segment:
         with self._lock:
             if self.closed:
                 raise RuntimeError("frame buffers are closed (worker stopping)")
             name = f"{segment_prefix(self.pid)}{next(_NEXT)}"
-            shm = shared_memory.SharedMemory(name=name, create=True, size=size)
-            self._live[name] = shm
-            self.created += 1
-        log.debug("shared memory %s: %d bytes", name, size)
-        return shm
-
-    def _destroy(self, shm: shared_memory.SharedMemory) -> None:
+        seg = Segment(self.shm_dir, name, size)  # outside the lock: fallocate takes time
         with self._lock:
-            self._live.pop(shm.name, None)
-        self._unlink(shm)
+            self._live[name] = seg
+            self.created += 1
+            closed = self.closed
+        if closed:  # close() ran meanwhile and did not see this one
+            self._destroy(seg)
+            raise RuntimeError("frame buffers are closed (worker stopping)")
+        log.debug("shared memory %s: %d bytes", name, size)
+        return seg
 
-    @staticmethod
-    def _unlink(shm: shared_memory.SharedMemory) -> None:
-        try:
-            shm.close()
-        except BufferError:
-            # A numpy view still points into it: the mapping outlives us, the name does not.
-            log.debug("segment %s still viewed at close", shm.name)
-        with contextlib.suppress(FileNotFoundError):
-            shm.unlink()
+    def _destroy(self, seg: Segment) -> None:
+        with self._lock:
+            self._live.pop(seg.name, None)
+        seg.destroy()

@@ -241,6 +241,19 @@ def test_healthcheck_probes_its_own_role(role: str, services: dict[str, Any]) ->
 
 
 # --- scaling and restarts -------------------------------------------------------------------------
+def test_worker_shm_holds_its_slots_at_the_pixel_limit(
+        services: dict[str, Any], image_env: dict[str, str]) -> None:
+    """Docker's 64 MB /dev/shm would make a worker lower its slots or refuse to start."""
+    from imgpipe.workers.shm import slot_bytes
+
+    worker = services["worker"]
+    settings = container_settings(image_env, worker)
+    size = str(worker["shm_size"]).lower()
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    nbytes = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    assert nbytes >= settings.worker_slots * slot_bytes(settings.max_pixels)
+
+
 def test_worker_is_scalable(services: dict[str, Any]) -> None:
     worker = services["worker"]
     for key in ("container_name", "hostname", "ports", "volumes", "expose"):

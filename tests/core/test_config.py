@@ -15,13 +15,18 @@ def test_defaults_validate_and_match_design() -> None:
     assert s.data_dir == Path("data")
     assert s.max_upload_bytes == 50 * 1024 * 1024 and s.max_pixels == 50_000_000
     assert (s.max_images, s.max_chains, s.max_filters, s.max_attempts) == (16, 16, 12, 3)
+    assert s.shm_dir == Path("/dev/shm")
 
 
 def test_from_env_parses_types() -> None:
     s = Settings.from_env({"IMGPIPE_GATEWAY_PORT": "9001", "IMGPIPE_DATA_DIR": "/tmp/x",
                            "IMGPIPE_TEST_HOOKS": "true", "IMGPIPE_TASK_TIMEOUT_S": "2.5",
-                           "PATH": "/bin", "IMGPIPE_URL": "http://elsewhere"})
+                           "PATH": "/bin", "IMGPIPE_URL": "http://elsewhere",
+                           "IMGPIPE_SHM_DIR": "/run/shm"})
     assert s.gateway_port == 9001 and s.data_dir == Path("/tmp/x")
+    assert s.shm_dir == Path("/run/shm")
+    assert {"variable": "IMGPIPE_SHM_DIR", "value": "/run/shm"}.items() <= next(
+        d for d in s.describe() if d["variable"] == "IMGPIPE_SHM_DIR").items()
     assert s.test_hooks is True and s.task_timeout_s == 2.5
 
 

@@ -23,6 +23,7 @@ from imgpipe.core.protocol import decode_topic
 from imgpipe.core.records import FINAL_JOB, ImageInfo, Output, new_job_id
 from imgpipe.core.store import Store
 from imgpipe.filters import parse_chain
+from imgpipe.workers.shm import sweep
 from tests.support import spawn, wait_for
 
 
@@ -47,9 +48,12 @@ class Procs:
         return proc
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal one process and wait for it; sweep the frame segments a killed worker
+        leaves in the shm dir, as the supervisor does."""
         proc = self.procs.pop(name)
         proc.send_signal(sig)
         proc.wait(30)
+        sweep(proc.pid, self.settings.shm_dir)
 
     def stop_all(self) -> None:
         for proc in self.all:

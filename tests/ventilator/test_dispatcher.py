@@ -272,6 +272,16 @@ def test_lost_worker_stays_listed_then_returns_or_is_forgotten(d: Dispatcher) ->
     assert [w["id"] for w in d.registry.listing(66.5)] == ["v"]
 
 
+def test_listing_carries_what_a_worker_says_about_its_shared_memory(d: Dispatcher) -> None:
+    note = "slots lowered from 2 to 1: /dev/shm has 64 MB free ..."
+    d.on_heartbeat(Heartbeat(worker="w", host="h", pid=1, seq=1, ts=0.0, slots=1, free=1,
+                             shm_bytes=25 << 20, note=note), 0.0)
+    d.on_heartbeat(hb("old", 0.0), 0.0)  # a peer that predates the fields
+    rows = {w["id"]: w for w in d.registry.listing(0.5)}
+    assert (rows["w"]["slots"], rows["w"]["shm_bytes"], rows["w"]["note"]) == (1, 25 << 20, note)
+    assert (rows["old"]["shm_bytes"], rows["old"]["note"]) == (0, "")
+
+
 def test_put_back_keeps_the_attempt_and_the_place(d: Dispatcher) -> None:
     d.load([task(0), task(1)], 0.0, complete=True)
     d.on_heartbeat(hb("w", 0.0), 0.0)

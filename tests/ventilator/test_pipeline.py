@@ -152,8 +152,8 @@ def test_routing_by_cost_class_and_the_control_ops(pipe: Pipeline) -> None:
     rows = ask_ok(pipe.ctx, pipe.settings, "workers")
     assert {r["id"]: r["serves"] for r in rows} == {light: "light", heavy: "heavy"}
     assert set(rows[0]) == {"id", "host", "pid", "state", "serves", "slots", "free",
-                            "inflight", "done", "failed", "cpu", "rss", "last_beat_age_s",
-                            "started"}
+                            "inflight", "done", "failed", "cpu", "rss", "shm_bytes", "note",
+                            "last_beat_age_s", "started"}
     stats = ask_ok(pipe.ctx, pipe.settings, "stats")
     assert stats["dispatched"] == 24 and stats["retries"] == stats["lost_tasks"] == 0
     assert stats["workers"]["alive"] == 2 and {"sink", "worker"} <= set(stats["components"])

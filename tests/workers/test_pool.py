@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing.connection
+import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +15,7 @@ import pytest
 
 from imgpipe.filters import apply_chain, decode, parse_chain
 from imgpipe.workers.pool import DeadlineExceeded, FilterFailed, FilterPool, ProcessDied
-from imgpipe.workers.shm import BufferSet
+from imgpipe.workers.shm import BufferSet, ShmFull
 from tests.images import jpeg
 from tests.support import wait_for
 
@@ -61,6 +64,31 @@ def test_a_result_larger_than_its_buffer_gets_a_bigger_segment(
                    grow=lambda n: (buf.ensure(n), buf.name)[1])
     assert out.seg == buf.name != small
     assert np.array_equal(_result(buf, out), apply_chain(img, parse_chain(ops)))
+
+
+@pytest.mark.slow
+def test_no_room_for_a_larger_result_fails_that_task_and_keeps_the_process(
+        tmpfs: Callable[[str], Path]) -> None:
+    small = tmpfs("40m")
+    pool = FilterPool(1, shm_dir=small)
+    buffers = BufferSet(1, shm_dir=small)
+    try:
+        img = decode(jpeg(320, 200, seed=2))
+        buf = _load(buffers, img)
+        pids = pool.pids
+        # 6000 x 3750 x 3 = 64 MB: the process asks for it, the worker has no room.
+        with pytest.raises(ShmFull, match="no shared memory"):
+            pool.run(buf.name, img.shape, img.dtype.str, "resize:w=6000",
+                     grow=lambda n: (buf.ensure(n), buf.name)[1])
+        assert pool.pids == pids and pool.restarts == 0 and buf.shm is None
+        buffers.release(buf)
+        buf = _load(buffers, img)  # the same process serves the next task
+        out = pool.run(buf.name, img.shape, img.dtype.str, "invert")
+        assert np.array_equal(_result(buf, out), apply_chain(img, parse_chain("invert")))
+    finally:
+        pool.close()
+        buffers.close()
+    assert os.listdir(small) == []
 
 
 def test_a_filter_that_raises_is_a_final_failure(pool: FilterPool, buffers: BufferSet) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 import zmq
 
 from imgpipe.core.protocol import Event, Heartbeat, Task
-from imgpipe.workers.shm import leftovers, sweep
+from imgpipe.workers.shm import MB, leftovers, sweep
 from tests.images import jpeg, reference
 from tests.support import make_settings, wait_for
 from tests.workers.rig import Rig
@@ -160,3 +161,72 @@ def test_heavy_worker_takes_heavy_tasks_only_and_sigkill_leaves_nothing_after_sw
     assert leftovers(pid) == []
     wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
                              for c in children), 15, what="orphaned pool processes gone")
+
+
+def occupy(directory: Path, nbytes: int) -> Path:
+    """Another tenant's file in a shm dir, its pages really taken."""
+    path = directory / "another-tenant"
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    finally:
+        os.close(fd)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_frame_that_does_not_fit_the_shm_goes_back_and_the_worker_stays_up(
+        tmpfs: Callable[[str], Path], rig_factory: Any) -> None:
+    small = tmpfs("40m")  # a container's /dev/shm, smaller still
+    # 8 MP: up to 31 MB a slot, so 40 MB holds one slot of the two asked for.
+    rig = rig_factory("--worker-slots", "2", "--shm-dir", str(small), max_pixels=8_000_000)
+    pid = rig.proc.pid
+    hb = rig.heartbeat()
+    assert (hb.slots, hb.free) == (1, 1)
+    assert "slots lowered from 2 to 1" in hb.note and f"{small} has 40 MB free" in hb.note
+
+    # Someone else takes 25 MB of it; a 3000x2000 photo (18 MB decoded) no longer fits.
+    other = occupy(small, 25 * MB)
+    big = jpeg(3000, 2000, seed=3)
+    rig.send(task("t1", big, "invert"))
+    r = rig.result()
+    assert (r.task_id, r.ok, r.retry) == ("t1", False, True)
+    assert r.error.startswith("worker out of shared memory: no shared memory for a 18 MB frame")
+    assert "shm_size" in r.error and "IMGPIPE_MAX_PIXELS" in r.error
+    rig.wait_bus(lambda m: isinstance(m, Event) and m.what == "task_retry"
+                 and m.task_id == "t1", what="a retry event")
+
+    # Still up: it beats on, and a small task afterwards is fine.
+    seq = rig.heartbeat().seq
+    small_img = jpeg(320, 240)
+    rig.send(task("t2", small_img, "invert"))
+    r = rig.result()
+    assert (r.task_id, r.ok) == ("t2", True) and bytes(r.payload) == reference(small_img, "invert")
+    assert rig.heartbeat(after=seq).pid == pid
+
+    # With the room back, the big frame goes through on the same worker.
+    other.unlink()
+    rig.send(task("t3", big, "invert", attempt=2))
+    r = rig.result()
+    assert (r.task_id, r.ok) == ("t3", True), r.error
+    assert bytes(r.payload) == reference(big, "invert")
+    hb = rig.wait_bus(lambda m: isinstance(m, Heartbeat) and m.done == 2, what="2 done")
+    assert isinstance(hb, Heartbeat) and hb.shm_bytes >= 3000 * 2000 * 3 and hb.failed == 0
+
+    assert rig.stop(signal.SIGTERM) == 0
+    assert leftovers(pid, small) == [] and os.listdir(small) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_a_worker_whose_shm_cannot_hold_one_frame_refuses_to_start(
+        tmpfs: Callable[[str], Path], rig_factory: Any) -> None:
+    small = tmpfs("40m")
+    rig = rig_factory("--shm-dir", str(small), max_pixels=20_000_000)  # 77 MB a frame
+    assert rig.proc.wait(60) == 2
+    log = rig.log.read_text()
+    assert "worker not started: no room for one frame" in log, log
+    assert f"{small} has 40 MB free" in log and "IMGPIPE_MAX_PIXELS=20000000" in log
+    assert "shm_size" in log and "Traceback" not in log
+    assert os.listdir(small) == []
