@@ -15,6 +15,8 @@ asks it with :func:`ask`, which sends one :class:`Request` and waits for the
              "workers": {"alive", "busy",
              "idle", "lost"}, "components": {role: seconds since last seen},
              "uptime_s"}``
+``events``   the ventilator's last events (oldest first), each ``{"ts", "source", "what",
+             "detail", "worker", "task_id"}``: workers joined and lost, retries, failures
 """
 
 from __future__ import annotations

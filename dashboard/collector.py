@@ -5,7 +5,9 @@ Every publisher (workers, ventilator, sink, gateway) connects its PUB socket to
 node), subscribes to heartbeats, metrics and events, and folds each message into its
 :class:`~dashboard.fleet.FleetState` (lock-protected). A second thread reads the
 gateway's ``/api/metrics`` once a second for what only the job store knows (end-to-end
-latency percentiles, per-stage means over every output). The Streamlit page reads
+latency percentiles, per-stage means over every output). At start the collector asks
+the ventilator for its recent events, so the event log begins with what happened
+before the page (workers joined and lost, retries, failures). The Streamlit page reads
 :meth:`snapshot` once a second; nothing else touches the socket.
 """
 
@@ -20,11 +22,15 @@ import httpx
 import zmq
 
 from imgpipe.core.config import Settings
+from imgpipe.core.control import ask
+from imgpipe.core.errors import ImgpipeError
 from imgpipe.core.protocol import TOPIC_EVENT, TOPIC_HEARTBEAT, TOPIC_METRIC
 from imgpipe.core.sockets import make_socket, start_authenticator
 from imgpipe.dashboard.fleet import POLL_S, FleetState, SeqTracker, Snapshot
 
 __all__ = ["Collector", "FleetState", "SeqTracker", "Snapshot"]
+
+SEED_S = 60.0  # how long a new collector keeps asking for the ventilator's recent events
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,16 @@ class Collector(FleetState):
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def _seed(self) -> bool:
+        """Ask the ventilator for its recent events once; whether it answered."""
+        try:
+            rows = ask(self.ctx, self.settings, "events", timeout=1.0)
+        except ImgpipeError:
+            return False
+        log.info("event log: %d earlier event(s) from the ventilator",
+                 self.seed_events(rows if isinstance(rows, list) else []))
+        return True
+
     def _poll(self) -> None:
         """Read the gateway's /api/metrics once a second (latency percentiles live there)."""
         url = self.poll_url.rstrip("/") + "/api/metrics"
@@ -113,8 +129,14 @@ class Collector(FleetState):
         self._ready.set()
         log.info("dashboard collector listening on %s", self.endpoint)
         next_sample = time.time() + 1.0
+        seed_until = time.time() + SEED_S  # the ventilator may start after this page
+        next_seed = 0.0
         try:
             while not self._stop.is_set():
+                if seed_until and time.time() >= next_seed:
+                    next_seed = time.time() + 2.0
+                    if self._seed() or time.time() > seed_until:
+                        seed_until = 0.0
                 if sock.poll(200, zmq.POLLIN):
                     for _ in range(1000):  # drain a burst, then let sampling run
                         try:

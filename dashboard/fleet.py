@@ -184,6 +184,20 @@ class FleetState:
                                      "worker": msg.worker, "task_id": msg.task_id,
                                      "detail": msg.detail})
 
+    def seed_events(self, rows: list[Any]) -> int:
+        """Put the ventilator's recent events (oldest first) before the ones heard live,
+        so the log starts with what happened before this page; how many were taken."""
+        keys = ("ts", "source", "what", "worker", "task_id", "detail")
+        with self._lock:
+            first = self._events[0]["ts"] if self._events else float("inf")
+            older = [{k: r.get(k, "") for k in keys} for r in rows
+                     if isinstance(r, dict) and isinstance(r.get("ts"), int | float)
+                     and r["ts"] < first]
+            room = (self._events.maxlen or 0) - len(self._events)
+            older = older[-room:] if room > 0 else []
+            self._events.extendleft(reversed(older))
+        return len(older)
+
     def handle_frames(self, frames: list[Any], now: float) -> None:
         """Decode and fold one bus message; a bad one is counted and logged, not raised."""
         try:

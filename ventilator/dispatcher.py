@@ -34,6 +34,8 @@ RECOVERED = "recovered"   # found `running` at start: a previous incarnation sen
 HANDOFF = "handoff"       # its worker no longer lists it: the result is on its way
 SUSPECT = "suspect"       # unclaimed when a worker that could have taken it was lost
 
+RECENT_EVENTS = 200       # events kept for the control op "events"
+
 
 @dataclass(frozen=True)
 class Fail:
@@ -90,6 +92,8 @@ class Dispatcher:
         self.counters = {"dispatched": 0, "retries": 0, "lost_tasks": 0, "failed_tasks": 0,
                          "duplicates": 0, "recovered": 0, "adopted": 0, "stolen": 0,
                          "bad_messages": 0, "workers_lost": 0}
+        # The last events, for a dashboard that starts after they happened.
+        self.recent_events: deque[Event] = deque(maxlen=RECENT_EVENTS)
 
     # --- the job store ------------------------------------------------------------------
     def on_notice(self, now: float) -> None:
@@ -346,4 +350,6 @@ class Dispatcher:
         return f"deadline passed on {e.worker or 'an unknown worker'}"
 
     def _event(self, what: str, now: float, **kw: str) -> Event:
-        return Event(source=self.source, what=what, ts=now, **kw)
+        event = Event(source=self.source, what=what, ts=now, **kw)
+        self.recent_events.append(event)
+        return event

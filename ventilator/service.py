@@ -20,6 +20,7 @@ that does not fit goes back to the front of its queue. See docs/pipeline.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import socket
@@ -192,7 +193,9 @@ class Ventilator:
             return self.disp.registry.listing(now)
         if op == "stats":
             return self.disp.stats(now)
-        raise KeyError(f"unknown op {op!r}: ask ping, workers or stats")
+        if op == "events":
+            return [dataclasses.asdict(e) for e in self.disp.recent_events]
+        raise KeyError(f"unknown op {op!r}: ask ping, workers, stats or events")
 
     # --- outbound ------------------------------------------------------------------------
     def rescan(self, now: float) -> None:

@@ -176,3 +176,36 @@ def test_no_frame_stops_the_collector_and_peers_cannot_grow_it(settings: Setting
         assert [w["id"] for w in c.snapshot(now=1000.0).workers] == ["late"]
     finally:
         c.stop()
+
+
+def test_the_event_log_starts_with_what_happened_before(settings: Settings) -> None:
+    c = Collector(settings, ctx=None, events=4)
+    try:
+        c.handle(event("worker_lost", worker="w9"), now=200.0)
+        live_ts = c.snapshot(now=200.0).events[0]["ts"]
+        earlier = [{"ts": live_ts - 10 + i, "source": "ventilator", "what": f"e{i}",
+                    "worker": "w1", "task_id": "", "detail": ""} for i in range(5)]
+        junk = ["x", {"ts": "yesterday"}, {"what": "no ts"}]
+        assert c.seed_events([*earlier, *junk, {**earlier[0], "ts": live_ts + 1}]) == 3
+        assert [e["what"] for e in c.snapshot(now=200.0).events] == ["e2", "e3", "e4",
+                                                                     "worker_lost"]
+    finally:
+        c.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_dashboard_started_late_shows_the_workers_joining(stack_factory: Any) -> None:
+    """Over real sockets: the workers joined before the collector existed, and its
+    event log still starts with them (asked of the ventilator at start)."""
+    stack = stack_factory(2)
+    late = dataclasses.replace(stack.settings,
+                               dashboard_bus_endpoint=f"tcp://127.0.0.1:{free_port()}")
+    c = Collector(late, ctx=None).start()
+    try:
+        joined = wait_for(lambda: [e for e in c.snapshot().events
+                                   if e["what"] == "worker_joined"] or None,
+                          20, what="the earlier worker_joined events")
+        assert {e["worker"] for e in joined} == {w["id"] for w in stack.workers()}
+    finally:
+        c.stop()

@@ -335,3 +335,25 @@ def test_tasks_parked_behind_a_busy_worker_are_copied_to_an_idle_one(d: Dispatch
     d.on_heartbeat(Heartbeat(worker="slow", host="h", pid=1, seq=3, ts=5.0, slots=2, free=0),
                    5.0)
     assert d.tick(5.1) == []
+
+
+def test_recent_events_are_kept_for_late_listeners(d: Dispatcher) -> None:
+    d.load([task(0)], 0.0, complete=True)
+    d.on_heartbeat(hb("w1", 0.0), 0.0)
+    e = d.next_task("light", 0.1)
+    assert e is not None
+    d.on_claim(Claim(worker="w1", task_id=e.task.task_id, attempt=1, ts=0.2), 0.2)
+    for t in range(1, 7):
+        d.tick(float(t))
+    assert [ev.what for ev in d.recent_events] == ["worker_joined", "worker_lost",
+                                                   "task_retried"]
+    assert d.counters["workers_lost"] == 1
+
+
+def test_a_live_worker_id_answers_only_for_its_own_key(d: Dispatcher) -> None:
+    d.on_heartbeat(hb("w1", 0.0), 0.0, peer="key-a")
+    assert d.on_heartbeat(hb("w1", 0.5, pid=999), 0.5, peer="key-b") == []
+    assert d.registry.refused == 1
+    assert d.registry.listing(0.6)[0]["pid"] == 100
+    d.on_heartbeat(hb("w1", 1.0, seq=2), 1.0, peer="key-a")  # the real one goes on
+    assert d.registry.refused == 1
