@@ -13,15 +13,19 @@ integers only, so no request can name a file outside ``root``. Only
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from imgpipe.core.records import check_id
 
 PARTIAL = ".tmp-"  # name prefix of a file being written in place (see write_atomic)
+_UUID_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp"}
 
 
@@ -72,6 +76,57 @@ class Blobs:
             return self.output_path(job_id, n, fmt).open("rb")
         except FileNotFoundError:
             return None
+
+    def link_output(self, src_job: str, src_n: int, job_id: str, n: int, fmt: str) -> Path:
+        """Output ``n`` of ``job_id`` as a hard link to an existing output (the result
+        cache): no bytes copied, and either job may expire without the other losing its
+        file. FileNotFoundError when the source is gone."""
+        src = self.output_path(src_job, src_n, fmt)
+        path = self.output_path(job_id, n, fmt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        try:
+            os.link(src, path)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            write_atomic(path, src.read_bytes())  # a filesystem without hard links
+        return path
+
+    def remove_job(self, job_id: str) -> None:
+        for sub in ("originals", "outputs"):
+            shutil.rmtree(self.root / sub / check_id(job_id), ignore_errors=True)
+
+    def bytes_on_disk(self) -> int:
+        """Bytes of every original and output now (a walk: for a first start only)."""
+        total = 0
+        for sub in ("originals", "outputs"):
+            for path in (self.root / sub).glob("*/*"):
+                with contextlib.suppress(OSError):
+                    total += path.stat().st_size
+        return total
+
+    def sweep(self, known: Callable[[str], bool], older_than: float) -> int:
+        """Remove files older than ``older_than`` that no job owns: staged uploads,
+        half-written outputs, and the folders of jobs ``known`` does not know."""
+        removed = 0
+
+        def old(path: Path) -> bool:
+            try:
+                return path.stat().st_mtime < older_than
+            except FileNotFoundError:
+                return False
+
+        for path in [*self.tmp_dir.glob("up-*"), *(self.root / "outputs").glob(f"*/{PARTIAL}*")]:
+            if old(path):
+                path.unlink(missing_ok=True)
+                removed += 1
+        for sub in ("originals", "outputs"):
+            for folder in (self.root / sub).iterdir():
+                if _UUID_NAME.match(folder.name) and old(folder) and not known(folder.name):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed += 1
+        return removed
 
     def remove_partial_outputs(self) -> int:
         """Output files a killed writer left half-written; how many were removed."""

@@ -83,6 +83,15 @@ class Settings:
     queue_limit: int = _doc("outputs queued or running before the gateway answers 503", 2000)
     max_wait_s: float = _doc("longest ?wait a client may ask for, seconds", 120.0)
 
+    # --- data lifecycle -------------------------------------------------------------
+    job_ttl_s: float = _doc("finished jobs expire this many seconds after they finish "
+                            "(rows and files; then 410); 0 keeps them", 86400.0)
+    max_data_bytes: int = _doc("cap on originals and outputs in the data dir, bytes: past "
+                               "it the oldest finished jobs go, then uploads get 507; 0: none",
+                               0)
+    sweep_interval_s: float = _doc("how often the sink expires jobs and sweeps crash "
+                                   "leftovers, seconds", 10.0)
+
     # --- scheduling and liveness ----------------------------------------------------
     task_timeout_s: float = _doc("lease of one dispatched task before it is re-dispatched, s",
                                  60.0)
@@ -163,8 +172,11 @@ class Settings:
                      "heartbeat_liveness", "worker_processes", "worker_threads",
                      "worker_slots", "gateway_workers", "gateway_threads"):
             need(getattr(self, name) >= 1, name, "use a whole number of at least 1")
+        need(self.job_ttl_s >= 0, "job_ttl_s", "use 0 (keep forever) or a number of seconds")
+        need(self.max_data_bytes >= 0, "max_data_bytes", "use 0 (no cap) or a number of bytes")
         for name in ("task_timeout_s", "heartbeat_interval_s", "rescan_interval_s",
-                     "metrics_interval_s", "gateway_timeout_s", "max_wait_s"):
+                     "metrics_interval_s", "gateway_timeout_s", "max_wait_s",
+                     "sweep_interval_s"):
             need(getattr(self, name) > 0, name, "use a positive number of seconds")
         need(self.max_message_bytes > self.max_upload_bytes, "max_message_bytes",
              "make it larger than IMGPIPE_MAX_UPLOAD_BYTES so an accepted image fits a message")

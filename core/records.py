@@ -29,6 +29,21 @@ class NotFound(ImgpipeError):
     error = "not_found"
 
 
+class Gone(ImgpipeError):
+    """A job that existed and expired (``IMGPIPE_JOB_TTL_S``): its rows and files are gone."""
+
+    status = 410
+    error = "expired"
+
+
+class StorageFull(ImgpipeError):
+    """The data dir cannot take more: its disk is full, or its byte budget is spent on
+    jobs that are not finished yet (nothing left to evict)."""
+
+    status = 507
+    error = "insufficient_storage"
+
+
 def new_job_id() -> str:
     return str(uuid.uuid4())
 
@@ -61,13 +76,15 @@ def job_state(total: int, done: int, failed: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class ImageInfo:
-    """An uploaded image as recorded: its format, size in pixels and in bytes."""
+class Original:
+    """An uploaded image as recorded: its format, size in pixels and in bytes, and the
+    SHA-256 of its bytes (the result cache's key; "" leaves it out of the cache)."""
 
     format: str
     width: int
     height: int
     nbytes: int
+    sha256: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +110,7 @@ class Output:
     dispatched_at: float | None = None
     finished_at: float | None = None
     timings_ms: dict[str, float | None] = field(default_factory=dict)
+    cached: bool = False  # done at once from the result cache; no worker touched it
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,10 +167,21 @@ class Counts:
 
 @dataclass(frozen=True, slots=True)
 class Totals:
-    """Everything the store has recorded: jobs, outputs, and their outcomes."""
+    """Running counters of everything the store has recorded (kept in the transactions
+    that change them, so reading them costs the same at any history)."""
 
-    jobs: int
-    outputs: int
-    done: int
-    failed: int
-    retries: int
+    jobs: int = 0
+    outputs: int = 0
+    done: int = 0
+    failed: int = 0
+    retries: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    jobs_expired: int = 0
+    jobs_evicted: int = 0
+    bytes: int = 0  # originals and outputs on disk now
+
+    @property
+    def cache_hit_ratio(self) -> float:
+        looked = self.cache_hits + self.cache_misses
+        return round(self.cache_hits / looked, 4) if looked else 0.0

@@ -16,6 +16,7 @@ Results are exactly-once because ``done`` and ``failed`` are final: the first
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import tempfile
 import threading
@@ -32,10 +33,11 @@ from imgpipe.core.records import (
     FINAL_JOB,
     Counts,
     Finished,
-    ImageInfo,
+    Gone,
     Job,
     NotFound,
     OpenTask,
+    Original,
     Output,
     Totals,
     check_id,
@@ -54,7 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     total INTEGER NOT NULL,
     done INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0
+    failed INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS images (
     job_id TEXT NOT NULL,
@@ -63,6 +66,7 @@ CREATE TABLE IF NOT EXISTS images (
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (job_id, idx)
 );
 CREATE TABLE IF NOT EXISTS outputs (
@@ -84,14 +88,39 @@ CREATE TABLE IF NOT EXISTS outputs (
     queued_at REAL NOT NULL,
     dispatched_at REAL,
     finished_at REAL,
-    t_queue REAL, t_decode REAL, t_filters REAL, t_encode REAL, t_total REAL
+    t_queue REAL, t_decode REAL, t_filters REAL, t_encode REAL, t_total REAL,
+    cached INTEGER NOT NULL DEFAULT 0,
+    cache_key TEXT
 );
+-- Running totals, changed in the transactions that change what they count.
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- Jobs that expired or were evicted: they answer 410, not 404 (kept TOMBSTONE_S).
+CREATE TABLE IF NOT EXISTS expired (id TEXT PRIMARY KEY, at REAL NOT NULL);
+-- The result cache: (image sha256, canonical chain) -> a done output holding the file.
+CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, job_id TEXT NOT NULL,
+                                  n INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS outputs_job ON outputs (job_id, n);
 CREATE INDEX IF NOT EXISTS outputs_open ON outputs (state, queued_at)
     WHERE state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS outputs_finished ON outputs (finished_at);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 """
+# After _SCHEMA and _migrate: indexes on columns an older database gets by migration.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished) WHERE finished IS NOT NULL;
+CREATE INDEX IF NOT EXISTS cache_job ON cache (job_id);
+CREATE INDEX IF NOT EXISTS expired_at ON expired (at);
+"""
+# Columns added after the first release: (table, column, declaration); added when missing.
+_ADDED_COLUMNS = (
+    ("jobs", "bytes", "INTEGER NOT NULL DEFAULT 0"),
+    ("images", "sha256", "TEXT NOT NULL DEFAULT ''"),
+    ("outputs", "cached", "INTEGER NOT NULL DEFAULT 0"),
+    ("outputs", "cache_key", "TEXT"),
+)
+TOMBSTONE_S = 30 * 86400.0  # how long an expired job answers 410 before it is unknown
+COUNTERS = ("jobs", "outputs", "done", "failed", "retries", "cache_hits", "cache_misses",
+            "jobs_expired", "jobs_evicted", "bytes")
 
 
 class Store:
@@ -103,6 +132,31 @@ class Store:
         self._path = self.root / "jobs.sqlite3"
         self._local = threading.local()
         self._db().executescript(_SCHEMA)  # idempotent; executescript commits itself
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database of an older version up to this schema (idempotent; several
+        processes may race here, and the loser of a race finds the work done)."""
+        db = self._db()
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                with contextlib.suppress(sqlite3.OperationalError):  # "duplicate column"
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        db.executescript(_INDEXES)
+        with self._tx() as tx:
+            if tx.execute("SELECT COUNT(*) FROM counters").fetchone()[0] == 0:
+                # First start on this database (or one of an older version): count once.
+                t = tx.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(total), 0), COALESCE(SUM(done), 0),"
+                    " COALESCE(SUM(failed), 0) FROM jobs").fetchone()
+                retries = tx.execute("SELECT COALESCE(SUM(attempts - 1), 0) FROM outputs"
+                                     " WHERE attempts > 1").fetchone()[0]
+                found = dict(zip(("jobs", "outputs", "done", "failed"), t, strict=True))
+                found["retries"] = retries
+                found["bytes"] = self._blobs.bytes_on_disk()
+                tx.executemany("INSERT INTO counters VALUES (?, ?)",
+                               [(k, int(found.get(k, 0))) for k in COUNTERS])
 
     # --- connections ----------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -178,52 +232,109 @@ class Store:
         return self._blobs.remove_partial_outputs()
 
     # --- jobs ---------------------------------------------------------------------------
-    def create_job(self, job_id: str, images: Sequence[ImageInfo],
-                   chains: Sequence[tuple[str, str]], *, now: float | None = None) -> None:
+    def create_job(self, job_id: str, images: Sequence[Original],
+                   chains: Sequence[tuple[str, str]], *, now: float | None = None,
+                   cache: bool = True) -> None:
         """Record a job whose originals are already in place.
 
         ``chains`` is ``(canonical ops, cost class)`` per chain. Outputs are image-major.
+        With ``cache``, an output whose image bytes and chain match a done output still
+        on disk is done at once: its file is linked from that output's, no worker runs.
         """
         now = time.time() if now is None else now
         check_id(job_id)
-        rows = []
-        for i in range(len(images)):
-            for c, (ops, cost) in enumerate(chains):
-                n = i * len(chains) + c
-                rows.append((task_id(job_id, n), job_id, n, i, ops, cost, now))
+        originals = sum(im.nbytes for im in images)
         with self._tx() as db:
-            db.execute("INSERT INTO jobs (id, created, state, total) VALUES (?, ?, 'queued', ?)",
-                       (job_id, now, len(rows)))
-            db.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
-                           [(job_id, i, im.format, im.width, im.height, im.nbytes)
+            rows, hits = [], []
+            for i, im in enumerate(images):
+                for c, (ops, cost) in enumerate(chains):
+                    n = i * len(chains) + c
+                    key = f"{im.sha256}:{ops}" if im.sha256 else None
+                    src = self._cached(db, key, job_id, n) if cache and key else None
+                    if src is not None:
+                        hits.append((src, n, i, ops, cost))
+                    else:
+                        rows.append((task_id(job_id, n), job_id, n, i, ops, cost, now, key))
+            cached_bytes = sum(src["bytes"] or 0 for src, *_ in hits)
+            done = len(hits)
+            total = done + len(rows)
+            state = job_state(total, done, 0) if done else "queued"
+            db.execute("INSERT INTO jobs (id, created, finished, state, total, done, bytes)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (job_id, now, now if state in FINAL_JOB else None, state, total, done,
+                        originals + cached_bytes))
+            db.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           [(job_id, i, im.format, im.width, im.height, im.nbytes, im.sha256)
                             for i, im in enumerate(images)])
             db.executemany(
-                "INSERT INTO outputs (task_id, job_id, n, image, ops, cost, state, queued_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)", rows)
+                "INSERT INTO outputs (task_id, job_id, n, image, ops, cost, state, queued_at,"
+                " cache_key) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)", rows)
+            db.executemany(
+                "INSERT INTO outputs (task_id, job_id, n, image, ops, cost, state, queued_at,"
+                " finished_at, width, height, bytes, content_type, format, cached, t_queue,"
+                " t_decode, t_filters, t_encode, t_total)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, 1, 0, 0, 0, 0, 0)",
+                [(task_id(job_id, n), job_id, n, i, ops, cost, now, now, src["width"],
+                  src["height"], src["bytes"], src["content_type"], src["format"])
+                 for src, n, i, ops, cost in hits])
+            looked = total if cache else 0
+            _bump(db, jobs=1, outputs=total, done=done, bytes=originals + cached_bytes,
+                  cache_hits=done, cache_misses=looked - done)
+
+    def _cached(self, db: sqlite3.Connection, key: str, job_id: str,
+                n: int) -> sqlite3.Row | None:
+        """The done output ``key`` names, its file linked as output ``n`` of ``job_id``;
+        None on a miss (or when the file went missing: the entry is dropped). The entry
+        then names the new copy, so an image asked for again and again stays cached
+        while older jobs that held it expire."""
+        src = db.execute("SELECT o.* FROM cache c JOIN outputs o ON o.job_id = c.job_id"
+                         " AND o.n = c.n WHERE c.key = ? AND o.state = 'done'",
+                         (key,)).fetchone()
+        if src is None:
+            return None
+        try:
+            self._blobs.link_output(src["job_id"], src["n"], job_id, n, src["format"])
+        except FileNotFoundError:
+            db.execute("DELETE FROM cache WHERE key = ?", (key,))
+            return None
+        db.execute("UPDATE cache SET job_id = ?, n = ? WHERE key = ?", (job_id, n, key))
+        return src
 
     def job(self, job_id: str) -> Job:
         """The job with its outputs, read in one snapshot; NotFound for an unknown id."""
         with self._tx("DEFERRED") as db:
             row = db.execute("SELECT * FROM jobs WHERE id=?", (check_id(job_id),)).fetchone()
             if row is None:
-                raise NotFound(f"no job {job_id}", field="id")
+                raise self._missing(db, job_id)
             outs = db.execute("SELECT * FROM outputs WHERE job_id=? ORDER BY n",
                               (job_id,)).fetchall()
         return _job(row, tuple(map(_output, outs)))
 
     def output(self, job_id: str, n: int) -> Output:
-        row = self._db().execute("SELECT * FROM outputs WHERE job_id=? AND n=?",
-                                 (check_id(job_id), n)).fetchone()
+        db = self._db()
+        row = db.execute("SELECT * FROM outputs WHERE job_id=? AND n=?",
+                         (check_id(job_id), n)).fetchone()
         if row is None:
+            if db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone() is None:
+                raise self._missing(db, job_id)
             raise NotFound(f"job {job_id} has no output {n}", field="n")
         return _output(row)
 
     def job_state(self, job_id: str) -> str:
-        row = self._db().execute("SELECT state FROM jobs WHERE id=?",
-                                 (check_id(job_id),)).fetchone()
+        db = self._db()
+        row = db.execute("SELECT state FROM jobs WHERE id=?", (check_id(job_id),)).fetchone()
         if row is None:
-            raise NotFound(f"no job {job_id}", field="id")
+            raise self._missing(db, job_id)
         return str(row["state"])
+
+    @staticmethod
+    def _missing(db: sqlite3.Connection, job_id: str) -> NotFound | Gone:
+        """Gone for a job that expired (while its tombstone lasts), else NotFound."""
+        row = db.execute("SELECT at FROM expired WHERE id=?", (job_id,)).fetchone()
+        if row is not None:
+            return Gone(f"job {job_id} expired (finished jobs are kept IMGPIPE_JOB_TTL_S)",
+                        field="id")
+        return NotFound(f"no job {job_id}", field="id")
 
     def recent_jobs(self, limit: int = 20) -> list[Job]:
         """The newest ``limit`` jobs with their outputs, newest first, in two queries."""
@@ -262,6 +373,8 @@ class Store:
             if cur.rowcount:
                 db.execute("UPDATE jobs SET state='running' WHERE id=? AND state='queued'",
                            (job_id,))
+                if attempt > 1:
+                    _bump(db, retries=1)
         return cur.rowcount > 0
 
     def is_final(self, tid: str) -> bool:
@@ -277,8 +390,8 @@ class Store:
         meanwhile is removed again)."""
         job_id, n = split_task_id(tid)
         path = self._blobs.write_output(job_id, n, fmt, data)
-        state = self._finish(tid, "done", now=now, worker=worker, attempts=attempt,
-                             width=width, height=height, bytes=len(data),
+        state = self._finish(tid, "done", now=now, nbytes=len(data), worker=worker,
+                             attempts=attempt, width=width, height=height, bytes=len(data),
                              content_type=content_type, format=fmt, error=None,
                              **_timing_fields(timings))
         if state is None and self.output(job_id, n).state == "failed":
@@ -297,19 +410,26 @@ class Store:
         fields.update(_timing_fields(timings or {}))
         return self._finish(tid, "failed", now=now, **fields)
 
-    def _finish(self, tid: str, state: str, *, now: float | None, **fields: Any) -> str | None:
+    def _finish(self, tid: str, state: str, *, now: float | None, nbytes: int = 0,
+                **fields: Any) -> str | None:
         now = time.time() if now is None else now
-        job_id, _ = split_task_id(tid)
+        job_id, n = split_task_id(tid)
         names = ", ".join(f"{k}=?" for k in fields)
         with self._tx() as db:
             cur = db.execute(
                 f"UPDATE outputs SET state=?, finished_at=?, {names}"
-                " WHERE task_id=? AND state NOT IN ('done', 'failed')",
-                (state, now, *fields.values(), tid))
-            if not cur.rowcount:
+                " WHERE task_id=? AND state NOT IN ('done', 'failed')"
+                " RETURNING cache_key", (state, now, *fields.values(), tid))
+            hit = cur.fetchone()
+            if hit is None:
                 return None
             col = "done" if state == "done" else "failed"
-            db.execute(f"UPDATE jobs SET {col}={col}+1 WHERE id=?", (job_id,))
+            db.execute(f"UPDATE jobs SET {col}={col}+1, bytes=bytes+? WHERE id=?",
+                       (nbytes, job_id))
+            _bump(db, **{col: 1, "bytes": nbytes})
+            if state == "done" and hit["cache_key"]:
+                db.execute("INSERT OR REPLACE INTO cache VALUES (?, ?, ?)",
+                           (hit["cache_key"], job_id, n))
             job = db.execute("SELECT total, done, failed FROM jobs WHERE id=?",
                              (job_id,)).fetchone()
             new = job_state(job["total"], job["done"], job["failed"])
@@ -346,16 +466,59 @@ class Store:
                          _timings(r)) for r in rows]
 
     def totals(self) -> Totals:
-        db = self._db()
-        row = db.execute(
-            "SELECT COUNT(*) AS jobs, COALESCE(SUM(done), 0) AS done,"
-            " COALESCE(SUM(failed), 0) AS failed, COALESCE(SUM(total), 0) AS total"
-            " FROM jobs").fetchone()
-        retries = db.execute(
-            "SELECT COALESCE(SUM(attempts - 1), 0) FROM outputs WHERE attempts > 1").fetchone()
-        return Totals(jobs=row["jobs"], outputs=row["total"], done=row["done"],
-                      failed=row["failed"], retries=int(retries[0]))
+        """The running counters (one indexed read, whatever the history)."""
+        rows = self._db().execute("SELECT name, value FROM counters").fetchall()
+        return Totals(**{r["name"]: r["value"] for r in rows if r["name"] in COUNTERS})
 
+    # --- retention ----------------------------------------------------------------------------
+    def finished_jobs(self, *, before: float | None = None, limit: int = 200) -> list[str]:
+        """Ids of finished jobs, oldest first; only those finished before ``before``."""
+        rows = self._db().execute(
+            "SELECT id FROM jobs WHERE finished IS NOT NULL AND finished < ?"
+            " ORDER BY finished LIMIT ?",
+            (float("inf") if before is None else before, limit)).fetchall()
+        return [r["id"] for r in rows]
+
+    def drop_jobs(self, job_ids: Sequence[str], *, why: str = "expired",
+                  now: float | None = None) -> int:
+        """Forget finished jobs (rows, cache entries, files); each answers 410 for
+        TOMBSTONE_S. ``why`` is ``expired`` (TTL) or ``evicted`` (byte budget). Returns
+        the bytes freed. Rows go first: a crash in between leaves files without rows,
+        which :meth:`sweep_leftovers` removes."""
+        now = time.time() if now is None else now
+        ids = [check_id(j) for j in job_ids]
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        with self._tx() as db:
+            gone = db.execute(f"SELECT id, bytes FROM jobs WHERE id IN ({marks})"
+                              f" AND finished IS NOT NULL", ids).fetchall()
+            ids = [r["id"] for r in gone]
+            freed = sum(r["bytes"] for r in gone)
+            if not ids:
+                return 0
+            marks = ",".join("?" * len(ids))
+            for table, col in (("outputs", "job_id"), ("images", "job_id"),
+                               ("cache", "job_id"), ("jobs", "id")):
+                db.execute(f"DELETE FROM {table} WHERE {col} IN ({marks})", ids)
+            db.executemany("INSERT OR REPLACE INTO expired VALUES (?, ?)",
+                           [(j, now) for j in ids])
+            db.execute("DELETE FROM expired WHERE at < ?", (now - TOMBSTONE_S,))
+            _bump(db, bytes=-freed, **{f"jobs_{why}": len(ids)})
+        for j in ids:
+            self._blobs.remove_job(j)
+        return freed
+
+    def sweep_leftovers(self, *, older_than: float) -> int:
+        """Remove what crashes left (uploads cut off, originals or outputs of jobs that
+        were never recorded or were dropped, half-written outputs) whose files are older
+        than ``older_than`` (epoch seconds); how many were removed."""
+        db = self._db()
+
+        def known(job_id: str) -> bool:
+            return db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone() is not None
+
+        return self._blobs.sweep(known, older_than)
 
 def _timing_fields(timings: dict[str, float]) -> dict[str, float]:
     """``t_<stage>`` columns for the known stages of ``timings`` (others are ignored)."""
@@ -379,4 +542,10 @@ def _output(r: sqlite3.Row) -> Output:
         worker=r["worker"], width=r["width"], height=r["height"], nbytes=r["bytes"],
         content_type=r["content_type"], format=r["format"], error=r["error"],
         dispatched_at=r["dispatched_at"], finished_at=r["finished_at"],
-        timings_ms=_timings(r))
+        timings_ms=_timings(r), cached=bool(r["cached"]))
+
+
+def _bump(db: sqlite3.Connection, **deltas: int) -> None:
+    """Add to counters inside the caller's transaction."""
+    db.executemany("UPDATE counters SET value = value + ? WHERE name = ?",
+                   [(v, k) for k, v in deltas.items() if v])

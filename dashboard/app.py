@@ -65,6 +65,9 @@ def kpis(snap: Any, m: dict[str, Any]) -> None:
     cols[4].metric("Throughput", f"{m['throughput_per_s']:.1f}/s", help="outputs per second")
     p95 = m["latency_ms"].get("p95")
     cols[5].metric("p95 latency", f"{p95:.0f} ms" if p95 is not None else "n/a")
+    storage = views.storage_summary(snap)
+    if storage:
+        st.caption(storage)
 
 
 def advice_box(m: dict[str, Any]) -> None:

@@ -80,6 +80,20 @@ def live_metrics(snap: Snapshot) -> dict[str, Any]:
     return out
 
 
+def storage_summary(snap: Snapshot) -> str | None:
+    """One line on the data dir from the gateway's totals: bytes held, jobs expired and
+    evicted, the result cache's hit ratio; None before the gateway has answered."""
+    totals = (snap.gateway or {}).get("totals")
+    if not isinstance(totals, dict) or "bytes" not in totals:
+        return None
+    hits, misses = totals.get("cache_hits", 0), totals.get("cache_misses", 0)
+    ratio = f"{hits / (hits + misses):.0%} ({hits} of {hits + misses})" if hits + misses \
+        else "no lookups yet"
+    return (f"Data dir {totals['bytes'] / 1e6:.1f} MB · {totals.get('jobs_expired', 0)} "
+            f"job(s) expired · {totals.get('jobs_evicted', 0)} evicted · "
+            f"result cache {ratio}")
+
+
 def events_frame(snap: Snapshot, limit: int = 50) -> pd.DataFrame:
     """Newest events first."""
     rows = [{"time": datetime.fromtimestamp(e["ts"]).strftime("%H:%M:%S"),

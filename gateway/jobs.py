@@ -8,16 +8,30 @@ job the ventilator will find on its next rescan.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import math
 import os
+import sqlite3
 import threading
+import time
+from collections.abc import Iterator
 
 import falcon
 
 from imgpipe.core.config import Settings
-from imgpipe.core.records import FINAL, FINAL_JOB, ImageInfo, NotFound, check_id, new_job_id
+from imgpipe.core.records import (
+    FINAL,
+    FINAL_JOB,
+    NotFound,
+    Original,
+    StorageFull,
+    check_id,
+    new_job_id,
+)
+from imgpipe.core.retention import make_room, over_budget
 from imgpipe.core.store import Store
 from imgpipe.gateway.documents import job_doc
 from imgpipe.gateway.errors import BadParam, OutputFailed, QueueFull
@@ -45,11 +59,14 @@ class ProcessResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         wait_s = parse_wait(req, self.settings)
+        use_cache = parse_cache(req)
         check_length(req, self.settings)
         self.check_capacity(0)  # refuse before reading a body that cannot be queued
-        upload = parse_upload(req, self.settings, self.store)
-        req.context.upload_bytes = upload.body_bytes
-        job_id = self.record(upload)
+        self.check_storage()
+        with storage_errors():
+            upload = parse_upload(req, self.settings, self.store)
+            req.context.upload_bytes = upload.body_bytes
+            job_id = self.record(upload, cache=use_cache)
         self.pipeline.notify(job_id, upload.outputs)
         self.pipeline.stats.accepted()
         resp.set_header("Location", f"/api/jobs/{job_id}")
@@ -78,7 +95,18 @@ class ProcessResource:
         raise QueueFull(f"the queue is full ({open_now} outputs open, limit {limit}); "
                         f"retry in about {retry} s", retry_after=min(120, max(1, retry)))
 
-    def record(self, upload: Upload) -> str:
+    def check_storage(self) -> None:
+        """507 when the data dir is over its byte budget and evicting finished jobs
+        cannot bring it back (everything there still belongs to open jobs)."""
+        if not over_budget(self.store, self.settings):
+            return
+        make_room(self.store, self.settings, time.time())
+        if over_budget(self.store, self.settings):
+            raise StorageFull(f"the data dir holds {self.store.totals().bytes} bytes of "
+                              f"unfinished jobs, at its cap (IMGPIPE_MAX_DATA_BYTES="
+                              f"{self.settings.max_data_bytes}); retry when they finish")
+
+    def record(self, upload: Upload, *, cache: bool = True) -> str:
         """Adopt the originals and create the job; undo the files on any error."""
         job_id = new_job_id()
         try:
@@ -86,8 +114,8 @@ class ProcessResource:
             for i, img in enumerate(upload.images):
                 self.store.adopt_original(job_id, i, img.format, img.tmp)
             self.store.create_job(
-                job_id, [ImageInfo(i.format, i.width, i.height, i.nbytes)
-                         for i in upload.images], upload.chains)
+                job_id, [Original(i.format, i.width, i.height, i.nbytes, i.sha256)
+                         for i in upload.images], upload.chains, cache=cache)
         except BaseException:
             upload.discard()
             self.store.discard_originals(job_id)
@@ -189,6 +217,31 @@ def _matches(header: str | None, etag: str) -> bool:
         return False
     tags = [t.strip().removeprefix("W/") for t in header.split(",")]
     return "*" in tags or etag in tags
+
+
+def parse_cache(req: falcon.Request) -> bool:
+    """``?cache=0`` bypasses the result cache; ``1`` (the default) uses it."""
+    raw = req.get_param("cache")
+    if raw in (None, "", "1", "true"):
+        return True
+    if raw in ("0", "false"):
+        return False
+    raise BadParam("cache must be 0 or 1", field="cache")
+
+
+@contextlib.contextmanager
+def storage_errors() -> Iterator[None]:
+    """A full disk while staging an upload or writing the job's rows is a 507."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StorageFull(f"the data dir's disk is full ({exc.strerror}); retry later") from None
+    except sqlite3.OperationalError as exc:
+        if "full" not in str(exc):
+            raise
+        raise StorageFull(f"the job store's disk is full ({exc}); retry later") from None
 
 
 def parse_wait(req: falcon.Request, settings: Settings) -> float:

@@ -81,6 +81,7 @@ def fleet_metrics(store: Store, vstats: dict[str, Any] | None, *, now: float | N
         "duplicates": (vstats or {}).get("duplicates"),
         "workers": {s: int(fleet.get(s, 0) or 0) for s in WORKER_STATES},
         "totals": asdict(totals),
+        "cache_hit_ratio": totals.cache_hit_ratio,
         "ventilator": "up" if vstats is not None else "down",
     }
     if history is not None:
@@ -140,6 +141,21 @@ class FleetCollector:
         yield stages
         yield _gauge("imgpipe_ventilator_up", "1 when the ventilator answers",
                      1 if m["ventilator"] == "up" else 0)
+        t = m["totals"]
+        cache = CounterMetricFamily("imgpipe_cache_lookups", "result cache lookups, by outcome",
+                                    labels=["outcome"])
+        cache.add_metric(["hit"], t["cache_hits"])
+        cache.add_metric(["miss"], t["cache_misses"])
+        yield cache
+        yield _gauge("imgpipe_cache_hit_ratio", "result cache hits per lookup, since start",
+                     m["cache_hit_ratio"])
+        dropped = CounterMetricFamily("imgpipe_jobs_dropped", "finished jobs removed, by why",
+                                      labels=["why"])
+        dropped.add_metric(["expired"], t["jobs_expired"])
+        dropped.add_metric(["evicted"], t["jobs_evicted"])
+        yield dropped
+        yield _gauge("imgpipe_data_bytes", "bytes of originals and outputs in the data dir",
+                     t["bytes"])
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

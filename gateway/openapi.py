@@ -58,6 +58,8 @@ SCHEMAS: dict[str, Any] = {
                    "width": _nullable("integer"), "height": _nullable("integer"),
                    "bytes": _nullable("integer"), "content_type": _nullable("string"),
                    "worker": _nullable("string"), "attempts": {"type": "integer"},
+                   "cached": {"type": "boolean", "description": "done at once from the "
+                              "result cache (same image bytes, same chain)"},
                    "timings_ms": _ref("Timings"), "error": _nullable("string")}},
     "Progress": {"type": "object", "required": ["done", "failed", "total"], "properties": {
         k: {"type": "integer", "minimum": 0} for k in ("done", "failed", "total")}},
@@ -113,6 +115,7 @@ SCHEMAS: dict[str, Any] = {
         "workers": {"type": "object", "properties": {
             k: {"type": "integer"} for k in ("alive", "busy", "idle", "lost")}},
         "totals": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "cache_hit_ratio": {"type": "number", "description": "result cache hits per lookup"},
         "ventilator": {"type": "string", "enum": ["up", "down"]},
         "queue_trend_per_s": {"type": "number"},
         "recommendation": {"type": "object", "properties": {
@@ -143,7 +146,10 @@ def build_spec(settings: Settings) -> dict[str, Any]:
              "description": f"seconds to wait for the job to finish (capped at "
                             f"{s.max_wait_s:g}); with one output and `Accept: image/*` the "
                             "finished image itself is returned",
-             "schema": {"type": "number", "minimum": 0}}],
+             "schema": {"type": "number", "minimum": 0}},
+            {"name": "cache", "in": "query", "required": False,
+             "description": "0 bypasses the result cache (same image bytes, same chain)",
+             "schema": {"type": "string", "enum": ["0", "1", "true", "false"]}}],
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": ["image"], "properties": {
                 "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
@@ -159,7 +165,8 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "413": _err("body over the upload limit, or an image over the pixel limit"),
             "415": _err("a part is not a decodable image of an allowed format"),
             "422": _err("with `wait` and `Accept: image/*`: the one output failed"),
-            "503": _err("the queue is full; retry after `Retry-After` seconds", retry=True)}}
+            "503": _err("the queue is full; retry after `Retry-After` seconds", retry=True),
+            "507": _err("the data dir's disk is full, or its byte cap is spent on open jobs")}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "imgpipe gateway", "version": "1.0.0",
@@ -183,7 +190,8 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                                    f"{s.max_wait_s:g}); answered as it stands at the end",
                     "schema": {"type": "number", "minimum": 0}}],
                 "responses": {"200": _json(_ref("Job"), "the job"),
-                              "400": _err("bad wait"), "404": job_404}}},
+                              "400": _err("bad wait"), "404": job_404,
+                              "410": _err("the job expired (IMGPIPE_JOB_TTL_S)")}}},
             "/api/jobs/{job_id}/outputs/{n}": {"get": {
                 "operationId": "getOutput", "summary": "Output n's bytes once it is done",
                 "parameters": [JOB_ID, {"name": "n", "in": "path", "required": True,
@@ -197,6 +205,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                                 "type": "string", "format": "binary"}}}},
                     "304": {"description": "not modified (If-None-Match matched)"},
                     "404": _err("no such job or output, or the output is not done yet"),
+                    "410": _err("the job expired (IMGPIPE_JOB_TTL_S)"),
                     "422": _err("the output failed; `detail` says why")}}},
             "/api/filters": {"get": {
                 "operationId": "listFilters",

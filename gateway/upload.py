@@ -19,6 +19,7 @@ it is a rename). Limits apply in the order that makes a bad request cheapest:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 import time
@@ -60,6 +61,7 @@ class StagedImage:
     width: int
     height: int
     nbytes: int
+    sha256: str = ""  # of the bytes: the result cache's key
 
 
 @dataclass
@@ -235,12 +237,14 @@ def _stage(stream: Readable, store: Store, settings: Settings, *, index: int) ->
     fd, tmp = store.stage_upload()
     head = bytearray()
     size = 0
+    digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as fh:
             while chunk := stream.read(CHUNK):
                 size += len(chunk)
                 if len(head) < HEAD:
                     head += chunk[:HEAD - len(head)]
+                digest.update(chunk)
                 fh.write(chunk)
         if size == 0:
             raise ImageError("the part is empty (0 bytes)", field="image")
@@ -256,7 +260,7 @@ def _stage(stream: Readable, store: Store, settings: Settings, *, index: int) ->
         tmp.unlink(missing_ok=True)
         raise
     return StagedImage(tmp=tmp, format=info.format, width=info.width, height=info.height,
-                       nbytes=size)
+                       nbytes=size, sha256=digest.hexdigest())
 
 
 def _probe(head: bytes, tmp: Path, size: int) -> Any:

@@ -39,6 +39,7 @@ class Counters:
     retries: int = 0
     errors: int = 0
     forged: int = 0
+    expired: int = 0  # jobs this sink's retention passes dropped
     bytes: int = 0
     write_ms: list[float] = field(default_factory=list)  # since the last snapshot
 
@@ -49,7 +50,7 @@ class Counters:
         return {
             "results": self.results, "written": self.written, "duplicates": self.duplicates,
             "failed": self.failed, "retries": self.retries, "errors": self.errors,
-            "forged": self.forged,
+            "forged": self.forged, "expired": self.expired,
             "bytes": self.bytes,
             "write_ms_avg": round(sum(lat) / len(lat), 3) if lat else 0.0,
             "write_ms_p95": round(lat[int(0.95 * (len(lat) - 1))], 3) if lat else 0.0,

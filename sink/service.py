@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from imgpipe.core import lease
+from imgpipe.core import lease, retention
 from imgpipe.core.config import Settings, add_settings_args, settings_from_args
 from imgpipe.core.errors import ProtocolError
 from imgpipe.core.protocol import Metric, Result, decode, encode_topic
@@ -62,9 +62,17 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
         log.info("sink up: results on %s, events on %s", settings.result_endpoint,
                  settings.event_endpoint)
         seq = 0
-        next_metric = 0.0
+        next_metric = next_sweep = 0.0
         while not stop.is_set():
             now = time.time()
+            if now >= next_sweep:
+                next_sweep = now + settings.sweep_interval_s
+                try:
+                    swept = retention.sweep(store, settings, now)
+                    handler.counters.expired += swept.expired + swept.evicted
+                except Exception:
+                    log.exception("retention pass failed; next in %s s",
+                                  settings.sweep_interval_s)
             if now >= next_metric:
                 seq += 1
                 metric = Metric(source=source, role="sink", seq=seq, ts=now,

@@ -141,3 +141,22 @@ def test_autoscale_adds_workers_under_sustained_load(stack_factory: Any) -> None
         assert resp.status_code == 202, resp.text
     wait_for(lambda: len(stack.workers()) >= 2, 90, interval=0.5,
              what="the autoscaler adding a worker")
+
+
+def test_the_sink_expires_finished_jobs_after_the_ttl(stack_factory: Any) -> None:
+    import httpx
+
+    from tests.images import jpeg
+
+    stack = stack_factory(1, job_ttl_s=1.0, sweep_interval_s=0.5)
+    resp = httpx.post(f"{stack.url}/api/process/", params={"wait": 30},
+                      files=[("image", ("a.jpg", jpeg(64, 48), "image/jpeg"))],
+                      data={"ops": "resize:w=32"}, timeout=60)
+    assert resp.status_code == 200 and resp.json()["state"] == "done", resp.text
+    job = resp.json()["id"]
+    wait_for(lambda: httpx.get(f"{stack.url}/api/jobs/{job}", timeout=5).status_code == 410,
+             20, what="the job to expire")
+    data = stack.settings.data_dir
+    assert not (data / "outputs" / job).exists() and not (data / "originals" / job).exists()
+    metrics = httpx.get(f"{stack.url}/api/metrics", timeout=5).json()
+    assert metrics["totals"]["jobs_expired"] == 1 and metrics["totals"]["bytes"] == 0

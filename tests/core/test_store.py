@@ -8,8 +8,8 @@ import pytest
 from imgpipe.core.blobs import Blobs
 from imgpipe.core.records import (
     Counts,
-    ImageInfo,
     NotFound,
+    Original,
     check_id,
     new_job_id,
     split_task_id,
@@ -22,7 +22,7 @@ def make_job(store: Store, images: int = 2, chains: int = 3) -> str:
     job = new_job_id()
     for i in range(images):
         store.save_original(job, i, "jpeg", b"\xff\xd8img%d" % i)
-    store.create_job(job, [ImageInfo("jpeg", 10, 8, 6)] * images,
+    store.create_job(job, [Original("jpeg", 10, 8, 6)] * images,
                      [(f"resize:w={c + 1}", "light") for c in range(chains)])
     return job
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 
@@ -204,3 +205,12 @@ def test_jobs_timing_figure_keeps_jobs_apart_when_short_ids_clash() -> None:
              job_doc("abcdefgh-2", "done", {"queue": 2.0})]
     fig = views.jobs_timing_figure(twins)
     assert list(fig.data[0].y) == ["abcdefgh-1 · done", "abcdefgh-2 · done"]
+
+
+def test_storage_summary_from_the_gateway_totals(busy_snapshot: Snapshot) -> None:
+    assert views.storage_summary(dataclasses.replace(busy_snapshot, gateway=None)) is None
+    doc = {"totals": {"bytes": 12_345_678, "jobs_expired": 5, "jobs_evicted": 2,
+                      "cache_hits": 3, "cache_misses": 3}}
+    line = views.storage_summary(dataclasses.replace(busy_snapshot, gateway=doc))
+    assert line == ("Data dir 12.3 MB · 5 job(s) expired · 2 evicted · "
+                    "result cache 50% (3 of 6)")

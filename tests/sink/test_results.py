@@ -9,7 +9,7 @@ import pytest
 from imgpipe.core import lease
 from imgpipe.core.errors import ProtocolError
 from imgpipe.core.protocol import Result
-from imgpipe.core.records import ImageInfo, new_job_id, task_id
+from imgpipe.core.records import Original, new_job_id, task_id
 from imgpipe.core.store import Store
 from imgpipe.sink.results import ResultHandler
 
@@ -19,7 +19,7 @@ KEY = b"k" * 32
 def make_job(store: Store, chains: int = 2) -> str:
     job = new_job_id()
     store.save_original(job, 0, "png", b"orig")
-    store.create_job(job, [ImageInfo("png", 4, 4, 4)], [(f"resize:w={c + 1}", "light")
+    store.create_job(job, [Original("png", 4, 4, 4)], [(f"resize:w={c + 1}", "light")
                                                         for c in range(chains)])
     return job
 

@@ -20,7 +20,7 @@ from PIL import Image
 from imgpipe.core.config import Settings
 from imgpipe.core.control import ask
 from imgpipe.core.protocol import decode_topic
-from imgpipe.core.records import FINAL_JOB, ImageInfo, Output, new_job_id
+from imgpipe.core.records import FINAL_JOB, Original, Output, new_job_id
 from imgpipe.core.store import Store
 from imgpipe.filters import parse_chain
 from imgpipe.workers.shm import sweep
@@ -89,7 +89,7 @@ def make_job(store: Store, images: int, chains: list[str], seed: int = 0) -> str
     for i in range(images):
         data = jpeg(seed * 100 + i)
         store.save_original(job, i, "jpeg", data)
-        infos.append(ImageInfo("jpeg", 96, 64, len(data)))
+        infos.append(Original("jpeg", 96, 64, len(data)))
     parsed = [parse_chain(c) for c in chains]
     store.create_job(job, infos, [(c.canonical(), c.cost) for c in parsed])
     return job

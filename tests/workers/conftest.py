@@ -1,9 +1,6 @@
 from __future__ import annotations
 
-import os
-import subprocess
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
@@ -37,30 +34,3 @@ def buffers() -> Iterator[BufferSet]:
     bs = BufferSet(2)
     yield bs
     bs.close()
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    """``tmpfs("40m")`` mounts a tmpfs of that size under ``tmp_path`` (a small /dev/shm,
-    as a container has) and returns it; unmounted at teardown. Skips without root or
-    when this host does not allow the mount."""
-    mounted: list[Path] = []
-
-    def mount(size: str) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("mounting a small tmpfs needs root")
-        target = tmp_path / f"shm{len(mounted)}"
-        target.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=1777",
-                               "tmpfs", str(target)], capture_output=True, text=True,
-                              timeout=30)
-        if done.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-        mounted.append(target)
-        return target
-
-    yield mount
-    for target in mounted:
-        # Lazily if a process still maps a file there; the mount goes with the last one.
-        if subprocess.run(["umount", str(target)], capture_output=True, timeout=30).returncode:
-            subprocess.run(["umount", "-l", str(target)], check=True, timeout=30)
