@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 SCAN_LIMIT = 10_000   # open outputs read per rescan (queue_limit is far below)
 TICK_S = 0.1          # lease and liveness checks, seconds
+BUS_HWM = 100_000     # bus messages queued here (small: heartbeats, claims, metrics)
 DRAIN = 500           # messages read from one socket per loop turn, so none starves
 BURST = 32            # tasks sent per socket per loop turn
 # Kernel send buffer of the task sockets: what may sit in the kernel for one worker
@@ -93,7 +94,9 @@ class Ventilator:
             cls: sock(zmq.PUSH, bind=endpoint, sndhwm=1, options=TASK_OPTIONS)
             for cls, endpoint in (("light", settings.light_task_endpoint),
                                   ("heavy", settings.heavy_task_endpoint))}
-        self.bus = sock(zmq.SUB, bind=settings.bus_endpoint,
+        # A deep queue: beats that arrive while this loop stalls wait to be read (the
+        # default 1000 would drop them under a large fleet), see loop().
+        self.bus = sock(zmq.SUB, bind=settings.bus_endpoint, rcvhwm=BUS_HWM,
                         subscribe=(TOPIC_HEARTBEAT, TOPIC_CLAIM, TOPIC_METRIC))
         self.events = sock(zmq.SUB, connect=settings.event_endpoint, subscribe=(TOPIC_DONE,))
         self.control = sock(zmq.ROUTER, bind=settings.control_endpoint)

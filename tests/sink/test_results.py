@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,3 +143,32 @@ def test_the_lease_key_is_made_once_and_shared(tmp_path: Path) -> None:
     assert (tmp_path / lease.KEY_FILE).stat().st_mode & 0o777 == 0o600
     assert lease.valid(key, "t", 1, lease.token(key, "t", 1))
     assert not lease.valid(key, "t", 2, lease.token(key, "t", 1))
+
+
+def test_a_result_the_disk_cannot_take_goes_back_and_leaves_nothing_done(
+        tmpfs: Any) -> None:
+    """On a full disk the sink answers retry, leaves no file and no done row; once space
+    returns the same result is stored."""
+    import os
+
+    disk = tmpfs("4m")
+    store = Store(disk / "data")
+    job = make_job(store, chains=1)
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    h = ResultHandler(store, KEY)
+    big = result(job, 0, payload=os.urandom(256 * 1024))
+    back = h.handle(big)
+    assert back.state == "retry" and "could not store" in back.error
+    assert store.output(job, 0).state == "queued"
+    assert not store.output_path(job, 0, "png").exists()
+    assert list(store.output_path(job, 0, "png").parent.glob(".tmp-*")) == []
+    filler.unlink()
+    assert h.handle(big).state == "done"
+    assert store.output_path(job, 0, "png").read_bytes() == bytes(big.payload)

@@ -1,0 +1,89 @@
+"""The ventilator's own loop, in process, on real sockets."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from imgpipe.core.protocol import Heartbeat, Metric, encode_topic
+from imgpipe.core.sockets import make_socket
+from imgpipe.ventilator.service import Ventilator
+from tests.support import make_settings, wait_for
+
+
+@pytest.mark.timeout(60)
+def test_a_stall_of_the_ventilator_does_not_lose_a_beating_worker(
+        tmp_path: Path, zctx: zmq.Context[Any]) -> None:
+    """The loop stalls (a slow disk, a paused container) longer than the liveness
+    window while a worker keeps beating behind a flood of other bus messages: once it
+    runs again it reads the whole backlog before it judges liveness, so the worker is
+    not declared lost."""
+    settings = dataclasses.replace(make_settings(tmp_path / "data", dashboard_bus_endpoint=""),
+                                   heartbeat_interval_s=0.1, heartbeat_liveness=5,
+                                   rescan_interval_s=0.2)
+    vent = Ventilator(settings, zctx)
+    stall = threading.Event()
+    real_rescan = vent.rescan
+
+    def rescan(now: float) -> None:
+        # The fault: a rescan that hangs (SQLite busy, a slow disk), right before the
+        # loop's liveness check; beats pile up in the bus socket meanwhile.
+        if stall.is_set():
+            stall.clear()
+            time.sleep(4 * settings.liveness_s)
+        real_rescan(now)
+
+    vent.rescan = rescan  # type: ignore[method-assign]
+    stop = threading.Event()
+    loop = threading.Thread(target=vent.loop, args=(stop,), daemon=True)
+    pub = make_socket(zctx, zmq.XPUB, settings, connect=settings.bus_endpoint, sndhwm=100_000)
+    beating, paused = threading.Event(), threading.Event()
+    beating.set()
+    lock = threading.Lock()
+
+    sent = [0]
+
+    def beat() -> None:
+        while beating.is_set():
+            if not paused.is_set():
+                sent[0] = seq = sent[0] + 1
+                with lock:
+                    pub.send_multipart(encode_topic(Heartbeat(
+                        worker="w1", host="h", pid=7, seq=seq, ts=time.time())))
+            time.sleep(settings.heartbeat_interval_s)
+
+    loop.start()
+    try:
+        assert pub.poll(5000, zmq.POLLIN), "the ventilator's bus never subscribed"
+        pub.recv()
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        wait_for(lambda: vent.disp.registry.counts()["alive"] == 1, 10, what="w1 joined")
+        paused.set()  # every beat so far read: the backlog below starts with the flood
+        wait_for(lambda: vent.disp.registry.workers["w1"].hb.seq == sent[0], 10,
+                 what="the ventilator to read every beat sent")
+        before = sent[0]
+        stall.set()
+        wait_for(lambda: not stall.is_set(), 10, what="the stall to begin")
+        with lock:  # other publishers' messages queue up ahead of the next beats
+            for i in range(5000):
+                pub.send_multipart(encode_topic(Metric(source="gw", role="gateway", seq=i,
+                                                       ts=time.time())))
+        paused.clear()
+        wait_for(lambda: vent.disp.registry.workers["w1"].hb.seq > before, 20,
+                 what="the loop running again, past the backlog")
+        assert vent.disp.counters["workers_lost"] == 0
+        beating.clear()
+        beater.join(5)
+    finally:
+        beating.clear()
+        stop.set()
+        loop.join(10)
+        pub.close(linger=0)
+        vent.close()
