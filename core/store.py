@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     total INTEGER NOT NULL,
     done INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0
+    failed INTEGER NOT NULL DEFAULT 0,
+    owner TEXT
 );
 CREATE TABLE IF NOT EXISTS images (
     job_id TEXT NOT NULL,
@@ -92,6 +93,11 @@ CREATE INDEX IF NOT EXISTS outputs_open ON outputs (state, queued_at)
 CREATE INDEX IF NOT EXISTS outputs_finished ON outputs (finished_at);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 """
+# Columns added after the first release: (table, column, type); added when missing.
+_ADDED_COLUMNS = (("jobs", "owner", "TEXT"),)
+_INDEXES_ON_ADDED = """
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, state);
+"""
 
 
 class Store:
@@ -103,6 +109,21 @@ class Store:
         self._path = self.root / "jobs.sqlite3"
         self._local = threading.local()
         self._db().executescript(_SCHEMA)  # idempotent; executescript commits itself
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older version up to this schema (idempotent)."""
+        db = self._db()
+        for table, column, kind in _ADDED_COLUMNS:
+            have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+            if column in have:
+                continue
+            try:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
+        db.executescript(_INDEXES_ON_ADDED)
 
     # --- connections ----------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -179,10 +200,12 @@ class Store:
 
     # --- jobs ---------------------------------------------------------------------------
     def create_job(self, job_id: str, images: Sequence[ImageInfo],
-                   chains: Sequence[tuple[str, str]], *, now: float | None = None) -> None:
+                   chains: Sequence[tuple[str, str]], *, now: float | None = None,
+                   owner: str | None = None) -> None:
         """Record a job whose originals are already in place.
 
         ``chains`` is ``(canonical ops, cost class)`` per chain. Outputs are image-major.
+        ``owner`` is an opaque hash the gateway checks reads against (never a key).
         """
         now = time.time() if now is None else now
         check_id(job_id)
@@ -192,8 +215,8 @@ class Store:
                 n = i * len(chains) + c
                 rows.append((task_id(job_id, n), job_id, n, i, ops, cost, now))
         with self._tx() as db:
-            db.execute("INSERT INTO jobs (id, created, state, total) VALUES (?, ?, 'queued', ?)",
-                       (job_id, now, len(rows)))
+            db.execute("INSERT INTO jobs (id, created, state, total, owner)"
+                       " VALUES (?, ?, 'queued', ?, ?)", (job_id, now, len(rows), owner))
             db.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
                            [(job_id, i, im.format, im.width, im.height, im.nbytes)
                             for i, im in enumerate(images)])
@@ -201,35 +224,45 @@ class Store:
                 "INSERT INTO outputs (task_id, job_id, n, image, ops, cost, state, queued_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)", rows)
 
-    def job(self, job_id: str) -> Job:
-        """The job with its outputs, read in one snapshot; NotFound for an unknown id."""
+    def job(self, job_id: str, *, owner: str | None = None) -> Job:
+        """The job with its outputs, read in one snapshot; NotFound for an unknown id.
+
+        With ``owner`` (here and in the other reads), another owner's job is NotFound too.
+        """
         with self._tx("DEFERRED") as db:
             row = db.execute("SELECT * FROM jobs WHERE id=?", (check_id(job_id),)).fetchone()
-            if row is None:
+            if row is None or (owner is not None and row["owner"] != owner):
                 raise NotFound(f"no job {job_id}", field="id")
             outs = db.execute("SELECT * FROM outputs WHERE job_id=? ORDER BY n",
                               (job_id,)).fetchall()
         return _job(row, tuple(map(_output, outs)))
 
-    def output(self, job_id: str, n: int) -> Output:
+    def output(self, job_id: str, n: int, *, owner: str | None = None) -> Output:
+        if owner is not None:
+            self.job_state(job_id, owner=owner)
         row = self._db().execute("SELECT * FROM outputs WHERE job_id=? AND n=?",
                                  (check_id(job_id), n)).fetchone()
         if row is None:
             raise NotFound(f"job {job_id} has no output {n}", field="n")
         return _output(row)
 
-    def job_state(self, job_id: str) -> str:
-        row = self._db().execute("SELECT state FROM jobs WHERE id=?",
+    def job_state(self, job_id: str, *, owner: str | None = None) -> str:
+        row = self._db().execute("SELECT state, owner FROM jobs WHERE id=?",
                                  (check_id(job_id),)).fetchone()
-        if row is None:
+        if row is None or (owner is not None and row["owner"] != owner):
             raise NotFound(f"no job {job_id}", field="id")
         return str(row["state"])
 
-    def recent_jobs(self, limit: int = 20) -> list[Job]:
-        """The newest ``limit`` jobs with their outputs, newest first, in two queries."""
+    def recent_jobs(self, limit: int = 20, *, owner: str | None = None) -> list[Job]:
+        """The newest ``limit`` jobs (of ``owner`` if given) with their outputs, newest
+        first, in two queries."""
         with self._tx("DEFERRED") as db:
-            rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?",
-                              (limit,)).fetchall()
+            if owner is None:
+                rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?",
+                                  (limit,)).fetchall()
+            else:
+                rows = db.execute("SELECT * FROM jobs WHERE owner=? ORDER BY created DESC"
+                                  " LIMIT ?", (owner, limit)).fetchall()
             outputs: dict[str, list[Output]] = {r["id"]: [] for r in rows}
             if rows:
                 marks = ",".join("?" * len(rows))
@@ -328,6 +361,13 @@ class Store:
     def open_count(self) -> int:
         return self.counts().open
 
+    def open_jobs_of(self, owner: str) -> int:
+        """Jobs of ``owner`` not final yet (queued or running), by the owner index."""
+        row = self._db().execute(
+            "SELECT COUNT(*) FROM jobs WHERE owner=? AND state IN ('queued', 'running')",
+            (owner,)).fetchone()
+        return int(row[0])
+
     def done_since(self, window_s: float) -> int:
         """Outputs finished ``done`` in the last ``window_s`` seconds (a count, by index)."""
         row = self._db().execute(
@@ -369,7 +409,7 @@ def _timings(row: sqlite3.Row) -> dict[str, float | None]:
 def _job(row: sqlite3.Row, outputs: tuple[Output, ...]) -> Job:
     return Job(id=row["id"], state=row["state"], created=row["created"],
                finished=row["finished"], total=row["total"], done=row["done"],
-               failed=row["failed"], outputs=outputs)
+               failed=row["failed"], outputs=outputs, owner=row["owner"])
 
 
 def _output(r: sqlite3.Row) -> Output:
