@@ -35,6 +35,7 @@ from imgpipe.core.advice import Autoscaler
 from imgpipe.core.config import (
     Settings,
     add_settings_args,
+    client_headers,
     parse_range,
     reachable_host,
     settings_from_args,
@@ -44,6 +45,7 @@ from imgpipe.core.errors import ImgpipeError
 from imgpipe.core.protocol import Reply, Request, decode, encode
 from imgpipe.core.runtime import configure_logging, die_with_parent
 from imgpipe.core.sockets import bound_endpoint, make_socket
+from imgpipe.gateway.access import load_keys
 
 log = logging.getLogger(__name__)
 
@@ -245,12 +247,23 @@ class Supervisor:
             reply = Reply(ok=False, error=f"internal error: {type(exc).__name__}")
         ctl.send_multipart([*envelope, *encode(reply)])
 
+    def _gateway_headers(self) -> dict[str, str]:
+        """``IMGPIPE_API_KEY`` if set, else the stack's first API key (the autoscaler
+        reads ``/api/metrics``, which needs one when the gateway has keys)."""
+        headers = client_headers()
+        if not headers and self.settings.api_keys:
+            keys = sorted(load_keys(self.settings.api_keys))
+            if keys:
+                headers = {"Authorization": f"Bearer {keys[0]}"}
+        return headers
+
     def _autoscale_step(self) -> None:
         assert self.autoscale is not None
         if self._scaler is None:
             self._scaler = Autoscaler(*self.autoscale, current=len(self.workers()))
         try:
-            metrics = httpx.get(f"{self.settings.gateway_url}/api/metrics", timeout=2.0).json()
+            metrics = httpx.get(f"{self.settings.gateway_url}/api/metrics", timeout=2.0,
+                                headers=self._gateway_headers()).json()
         except (httpx.HTTPError, ValueError):
             return
         target = self._scaler.observe(metrics, time.monotonic())
