@@ -169,7 +169,26 @@ class GatewayWorker(ThreadWorker):
         self._wait_head(conn)
         self._read_head(conn, client)
 
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        """As gthread's, but bytes read ahead past a kept-alive request (pipelining) are a
+        head like any other: to a thread once complete, else waited for in the selector."""
+        kept = (self.alive and not fs.cancelled() and fs.exception() is None
+                and fs.result() is True and conn.parser is not None
+                and isinstance(conn.sock, DeadlineSocket))
+        if not kept:
+            super().finish_request(conn, fs)
+            return
+        sock = conn.sock
+        sock.head = conn.parser.unreader.take_buffered() + sock.head
+        if not sock.head:
+            super().finish_request(conn, fs)
+        elif any(end in sock.head for end in HEAD_ENDS):
+            self.enqueue_req(conn)
+        else:
+            self._wait_head(conn)
+
     def _wait_head(self, conn: Any) -> None:
+        conn.sock.setblocking(False)
         self.heads[conn] = time.monotonic() + self.head_timeout
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._read_head, conn))
 

@@ -45,7 +45,7 @@ from imgpipe.core.errors import ImgpipeError
 from imgpipe.core.protocol import Reply, Request, decode, encode
 from imgpipe.core.runtime import configure_logging, die_with_parent
 from imgpipe.core.sockets import bound_endpoint, make_socket
-from imgpipe.gateway.access import load_keys
+from imgpipe.gateway.access import check_exposure, load_keys
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,11 @@ class Supervisor:
                  autoscale: tuple[int, int] | None = None) -> None:
         self.settings = settings
         self.env = {**os.environ, **settings.to_env()}
+        # The children that call the gateway (the dashboard) send IMGPIPE_API_KEY: with
+        # keys on and none given, they use one of the stack's own.
+        auth = self._gateway_headers().get("Authorization", "")
+        if auth and not self.env.get("IMGPIPE_API_KEY"):
+            self.env["IMGPIPE_API_KEY"] = auth.removeprefix("Bearer ")
         self.children: list[Child] = []
         self.dashboard = dashboard
         self.autoscale = autoscale
@@ -333,8 +338,15 @@ def main_up(argv: Sequence[str]) -> int:
     add_settings_args(parser, "workers", "data_dir", "gateway_port", "dashboard_port",
                       "gateway_host", "autoscale", "worker_processes", "log_level")
     parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
+    parser.add_argument("--insecure", action="store_const", const=True, default=None,
+                        help="serve beyond loopback without API keys (env IMGPIPE_INSECURE=1)")
     ns = parser.parse_args(argv)
     settings = settings_from_args(ns)
+    try:
+        check_exposure(settings)
+    except ImgpipeError as exc:
+        print(f"imgpipe up: {exc.detail}", file=sys.stderr)
+        return 2
     if ns.gateway_port is not None and "IMGPIPE_GATEWAY_URL" not in os.environ:
         host = reachable_host(settings.gateway_host)
         settings = settings.with_overrides(gateway_url=f"http://{host}:{settings.gateway_port}")

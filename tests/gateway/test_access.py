@@ -109,8 +109,9 @@ def test_beyond_loopback_needs_keys_or_insecure(settings: Settings) -> None:
     check_exposure(exposed.with_overrides(api_keys=A))
 
 
-def test_the_gateway_command_refuses_to_start_beyond_loopback(settings: Settings) -> None:
-    out = subprocess.run([sys.executable, "-m", "imgpipe", "gateway", "--gateway-host",
+@pytest.mark.parametrize("command", ["gateway", "up"])
+def test_the_commands_refuse_to_start_beyond_loopback(settings: Settings, command: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "imgpipe", command, "--gateway-host",
                           "0.0.0.0"], env=settings_env(settings), capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2, out.stderr

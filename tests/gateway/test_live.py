@@ -400,3 +400,16 @@ def test_api_keys_over_http_and_insecure_beyond_loopback(stack: Stack) -> None:
     finally:
         open_gw.kill()
         open_gw.close()
+
+
+def test_pipelined_requests_are_all_answered(gw: Gateway) -> None:
+    sock = socket.create_connection(("127.0.0.1", gw.settings.gateway_port), timeout=30)
+    try:
+        one = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n"
+        last = b"GET /api/filters HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        sock.sendall(one + one + last)
+        answer = _answer_or_close(sock)
+        assert answer.count(b"HTTP/1.1 200") == 3, answer[:300]
+        assert b'"filters"' in answer
+    finally:
+        sock.close()
