@@ -56,10 +56,10 @@ def load_keys(spec: str) -> frozenset[str]:
 
 
 def check_exposure(settings: Settings) -> None:
-    """Refuse a gateway bound beyond loopback without keys, unless told ``--insecure``."""
-    if is_loopback(settings.gateway_host) or settings.insecure:
-        return
-    if settings.api_keys and load_keys(settings.api_keys):
+    """Refuse a gateway bound beyond loopback without keys, unless told ``--insecure``;
+    a key file that cannot be read is refused here too, before any worker starts."""
+    keys = load_keys(settings.api_keys) if settings.api_keys else frozenset()
+    if keys or is_loopback(settings.gateway_host) or settings.insecure:
         return
     raise ConfigError(
         f"the gateway would listen on {settings.gateway_host!r}, beyond loopback, with no API "

@@ -107,6 +107,10 @@ def test_beyond_loopback_needs_keys_or_insecure(settings: Settings) -> None:
         check_exposure(exposed)
     check_exposure(exposed.with_overrides(insecure=True))
     check_exposure(exposed.with_overrides(api_keys=A))
+    with pytest.raises(ConfigError, match="IMGPIPE_API_KEYS"):
+        check_exposure(exposed.with_overrides(api_keys=" , "))
+    with pytest.raises(ConfigError, match="key file"):
+        check_exposure(settings.with_overrides(api_keys="@/nonexistent/keys"))
 
 
 @pytest.mark.parametrize("command", ["gateway", "up"])
