@@ -9,7 +9,8 @@
 Every run is bounded in count and time and goes to loopback only unless
 ``--allow-remote`` is given. It prints the achieved rate, latency percentiles, status
 counts and errors, and exits 1 when an accepted job did not finish done, a request
-got a 5xx other than 503 (backpressure), or a request went unanswered.
+got a 5xx other than 503 (backpressure), or a request went unanswered; a 429 (the
+client's own rate or concurrency limit) is counted as a refusal, like a 503.
 """
 
 from __future__ import annotations
