@@ -156,3 +156,16 @@ def test_an_old_database_gains_the_owner_column(tmp_path: Path) -> None:
         assert "jobs_owner" in names
     finally:
         store.close()
+
+
+def test_openapi_documents_the_bearer_scheme_and_the_new_statuses(gateway: Any) -> None:
+    spec = gateway.client.simulate_get("/openapi.json").json
+    assert spec["components"]["securitySchemes"]["bearer"] == {
+        **spec["components"]["securitySchemes"]["bearer"], "type": "http", "scheme": "bearer"}
+    for path, item in spec["paths"].items():
+        for op in item.values():
+            assert ("401" in op["responses"]) == path.startswith("/api/"), path
+            assert ("security" in op) == path.startswith("/api/"), path
+    process = spec["paths"]["/api/process/"]["post"]["responses"]
+    assert "Retry-After" in process["429"]["headers"]
+    assert "job_too_expensive" in process["413"]["description"]
