@@ -32,6 +32,7 @@ from imgpipe.bench import client as api
 from imgpipe.bench import load, procs
 from imgpipe.bench.client import is_loopback
 from imgpipe.bench.images import generate, parse_size
+from imgpipe.core.config import client_headers
 
 SIZES = ((640, 360), (800, 450), (960, 540), (1280, 720))
 PROBE_S = 0.1
@@ -69,7 +70,7 @@ class Prober(threading.Thread):
 
     def run(self) -> None:
         paths = ["/healthz", "/api/workers", "/api/metrics", "job"]
-        with httpx.Client(timeout=2.0) as http:
+        with httpx.Client(timeout=2.0, headers=client_headers()) as http:
             i = 0
             while not self.stop.wait(PROBE_S):
                 path = paths[i % len(paths)]
@@ -112,7 +113,7 @@ def kill_loop(url: str, root: Any, kills: int, interval: float, t0: float,
     respawned ones not registered yet), it retries for up to RETRY_S before giving up
     on that kill, so a slow respawn delays a kill rather than skipping it.
     """
-    with httpx.Client(timeout=5.0) as http:
+    with httpx.Client(timeout=5.0, headers=client_headers()) as http:
         for k in range(1, kills + 1):
             time.sleep(max(0.0, t0 + k * interval - time.monotonic()))
             give_up = time.monotonic() + RETRY_S
@@ -184,7 +185,7 @@ def run(ns: argparse.Namespace, console: Console) -> int:
     subs: list[load.Submission] = []
     kills: list[dict[str, Any]] = []
     prober = Prober(url, job_ids)
-    with httpx.Client(timeout=30.0) as http:
+    with httpx.Client(timeout=30.0, headers=client_headers()) as http:
         start_workers = len(api.alive_workers(http, url))
         t0 = time.monotonic()
         prober.start()

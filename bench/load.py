@@ -1,7 +1,9 @@
 """Load shared by the stress commands: submit jobs, follow them to the end, count.
 
 A submission is one ``POST /api/process/`` without ``?wait`` (the gateway answers
-``202`` at once, or ``503`` with ``Retry-After`` when its queue is full); following a
+``202`` at once, ``503`` with ``Retry-After`` when its queue is full, or ``429`` with
+``Retry-After`` past this client's rate or concurrency limit: both are refusals, not
+errors); following a
 job is polling ``GET /api/jobs/{id}`` until its state is final. Completion latency is
 the gateway's own ``finished - created`` when both are in the document, so polling
 granularity does not blur it; otherwise the client's clock.
@@ -52,6 +54,9 @@ def _ts(text: Any) -> float | None:
         return None
 
 
+REFUSED = (429, 503)  # answered with Retry-After: the gateway protecting itself
+
+
 def submit(http: httpx.Client, url: str, images: list[bytes], chains: list[str]) -> Submission:
     sub = Submission(t_submit=time.monotonic())
     t = time.perf_counter()
@@ -68,7 +73,7 @@ def submit(http: httpx.Client, url: str, images: list[bytes], chains: list[str])
             sub.job_id = str(resp.json()["id"])
         except (ValueError, KeyError, TypeError):
             sub.error = f"HTTP {resp.status_code} without a job id: {resp.text[:120]}"
-    elif resp.status_code != 503:
+    elif resp.status_code not in REFUSED:
         sub.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
     return sub
 
@@ -123,6 +128,7 @@ class LoadSummary:
         return {
             "submitted": len(subs), "accepted": len(accepted),
             "rejected_503": statuses.get("503", 0),
+            "rejected_429": statuses.get("429", 0),
             "status_counts": dict(statuses), "job_states": dict(finals),
             "unfinished": finals.get("unfinished", 0),
             "server_errors": sum(n for k, n in statuses.items()
@@ -142,4 +148,4 @@ class LoadSummary:
         d = self.to_dict()
         return bool(d["unfinished"] or d["server_errors"] or d["job_states"].get("failed")
                     or d["job_states"].get("partial")
-                    or any(s.error for s in self.subs if s.status != 503))
+                    or any(s.error for s in self.subs if s.status not in REFUSED))

@@ -25,6 +25,7 @@ import httpx
 from imgpipe.bench import client as api
 from imgpipe.bench import procs, work
 from imgpipe.bench.stack import LocalStack
+from imgpipe.core.config import client_headers
 
 Outcome = tuple[list[float], list[tuple[int, int] | None], list[str], float | None]
 SPAWN = mp.get_context("spawn")
@@ -179,7 +180,7 @@ class Pipeline(Mode):
         self.wait_s = wait_s
         self.concurrency = concurrency
         self.name = f"pipeline-w{workers}" if workers else "pipeline-url"
-        self.http = httpx.Client(timeout=wait_s + 30.0,
+        self.http = httpx.Client(timeout=wait_s + 30.0, headers=client_headers(),
                                  limits=httpx.Limits(max_connections=concurrency + 4))
         self.pool = ThreadPoolExecutor(concurrency)
         self.poster: api.LeanPoster | None = None

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from imgpipe.bench import client as api
+from imgpipe.core.config import client_headers
 from imgpipe.core.runtime import die_with_parent
 
 ENDPOINTS = ("intake", "light_task", "heavy_task", "result", "event", "control", "bus")
@@ -74,7 +75,7 @@ class LocalStack:
     def wait_ready(self, workers: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         seen = 0
-        with httpx.Client() as http:
+        with httpx.Client(headers=client_headers()) as http:
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:
                     raise StackError(f"imgpipe up exited with {self.proc.returncode}:\n"

@@ -9,7 +9,8 @@
 Every run is bounded in count and time and goes to loopback only unless
 ``--allow-remote`` is given. It prints the achieved rate, latency percentiles, status
 counts and errors, and exits 1 when an accepted job did not finish done, a request
-got a 5xx other than 503 (backpressure), or a request went unanswered.
+got a 5xx other than 503 (backpressure), or a request went unanswered; a 429 (the
+client's own rate or concurrency limit) is counted as a refusal, like a 503.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from rich.table import Table
 from imgpipe.bench import load, procs, work
 from imgpipe.bench.client import check_target, default_url, is_loopback
 from imgpipe.bench.images import generate, parse_size
+from imgpipe.core.config import client_headers
 
 MAX_BURST = 10_000
 MAX_RATE = 1_000.0
@@ -162,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     image = the_image(ns)
     root = procs.stack_root(ns.url)
     limits = httpx.Limits(max_connections=128, max_keepalive_connections=64)
-    with httpx.Client(timeout=60.0, limits=limits) as http:
+    with httpx.Client(timeout=60.0, limits=limits, headers=client_headers()) as http:
         sampler = procs.RssSampler(root) if root is not None else None
         if sampler:
             sampler.__enter__()

@@ -116,6 +116,20 @@ class Settings:
     gateway_threads: int = _doc("threads per gunicorn worker", 16)
     gateway_timeout_s: float = _doc("longest a request may take to arrive (slow clients), s",
                                     30.0)
+    header_timeout_s: float = _doc(
+        "longest a request head (request line and headers) may take to arrive, s", 10.0)
+
+    # --- access and per-client limits -------------------------------------------------
+    api_keys: str = _doc("API keys for /api/*: KEY,KEY... or @FILE (one a line, # comments);"
+                         " empty: keyless", "")
+    insecure: bool = _doc("run beyond loopback without API keys (gateway) or CURVE keys "
+                          "(ZeroMQ binds): a network you trust", False)
+    admin_key: str = _doc("key the dashboard asks for before scaling; empty: none", "")
+    max_job_cost: float = _doc("largest estimated job cost, CPU seconds on the reference"
+                               " machine (413 past it)", 600.0)
+    client_concurrency: int = _doc("jobs in flight per API key (or client address)", 64)
+    client_rate_per_min: float = _doc("jobs per minute per API key (or client address),"
+                                      " token bucket of one minute's worth", 600.0)
 
     # --- local stack --------------------------------------------------------------
     workers: int = _doc("workers the local stack starts", 3)
@@ -124,8 +138,6 @@ class Settings:
     # --- diagnostics and tests ------------------------------------------------------
     log_level: str = _doc("logging level", "INFO")
     test_hooks: bool = _doc("enable test-only filters and delays (never in production)", False)
-    insecure: bool = _doc("allow binding beyond loopback without CURVE keys or API keys "
-                          "(a network you trust)", False)
     worker_delay_ms: int = _doc("test hook: extra delay per task in a worker, ms", 0)
 
     # ------------------------------------------------------------------------------
@@ -170,13 +182,15 @@ class Settings:
         for name in ("max_upload_bytes", "max_pixels", "max_images", "max_chains",
                      "max_filters", "max_message_bytes", "queue_limit", "max_attempts",
                      "heartbeat_liveness", "worker_processes", "worker_threads",
-                     "worker_slots", "gateway_workers", "gateway_threads"):
+                     "worker_slots", "gateway_workers", "gateway_threads",
+                     "client_concurrency"):
             need(getattr(self, name) >= 1, name, "use a whole number of at least 1")
         need(self.job_ttl_s >= 0, "job_ttl_s", "use 0 (keep forever) or a number of seconds")
         need(self.max_data_bytes >= 0, "max_data_bytes", "use 0 (no cap) or a number of bytes")
         for name in ("task_timeout_s", "heartbeat_interval_s", "rescan_interval_s",
                      "metrics_interval_s", "gateway_timeout_s", "max_wait_s",
-                     "sweep_interval_s"):
+                     "sweep_interval_s", "header_timeout_s", "max_job_cost",
+                     "client_rate_per_min"):
             need(getattr(self, name) > 0, name, "use a positive number of seconds")
         need(self.max_message_bytes > self.max_upload_bytes, "max_message_bytes",
              "make it larger than IMGPIPE_MAX_UPLOAD_BYTES so an accepted image fits a message")
@@ -231,13 +245,31 @@ class Settings:
         return out
 
     def describe(self) -> list[dict[str, str]]:
-        """Every setting with its variable, current value and doc (for `imgpipe config`)."""
-        return [{"variable": PREFIX + f.name.upper(), "value": str(getattr(self, f.name)),
+        """Every setting with its variable, current value and doc (for `imgpipe config`);
+        secrets are shown as set or not, never their value."""
+        return [{"variable": PREFIX + f.name.upper(),
+                 "value": ("(set)" if getattr(self, f.name) else "") if f.name in SECRETS
+                 else str(getattr(self, f.name)),
                  "doc": f.metadata.get("doc", "")} for f in dataclasses.fields(self)]
 
 
-# Variables with the prefix that are not settings (read by other tools).
-_NOT_SETTINGS = {"url"}
+# Variables with the prefix that are not settings (read by other tools): the gateway
+# URL and the one API key a client sends.
+_NOT_SETTINGS = {"url", "api_key"}
+SECRETS = ("api_keys", "admin_key")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """True for an interface only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    return host in LOOPBACK_NAMES or host.startswith("127.")
+
+
+def client_headers(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What every HTTP client of the gateway sends: ``Authorization: Bearer
+    $IMGPIPE_API_KEY`` when that variable is set, else nothing."""
+    key = (os.environ if environ is None else environ).get(PREFIX + "API_KEY", "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 WILDCARDS = ("0.0.0.0", "*", "", "::")

@@ -125,6 +125,8 @@ class Job:
     done: int
     failed: int
     outputs: tuple[Output, ...] = ()
+    owner: str | None = None
+    """sha256 hex of the API key that made the job (of the client address without keys)."""
 
 
 @dataclass(frozen=True, slots=True)

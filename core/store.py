@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     total INTEGER NOT NULL,
     done INTEGER NOT NULL DEFAULT 0,
     failed INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0
+    bytes INTEGER NOT NULL DEFAULT 0,
+    owner TEXT  -- sha256 of the API key that made it (or of the client address)
 );
 CREATE TABLE IF NOT EXISTS images (
     job_id TEXT NOT NULL,
@@ -95,7 +96,7 @@ CREATE TABLE IF NOT EXISTS outputs (
 -- Running totals, changed in the transactions that change what they count.
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 -- Jobs that expired or were evicted: they answer 410, not 404 (kept TOMBSTONE_S).
-CREATE TABLE IF NOT EXISTS expired (id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS expired (id TEXT PRIMARY KEY, at REAL NOT NULL, owner TEXT);
 -- The result cache: (image sha256, canonical chain) -> a done output holding the file.
 CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, job_id TEXT NOT NULL,
                                   n INTEGER NOT NULL);
@@ -110,10 +111,13 @@ _INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished) WHERE finished IS NOT NULL;
 CREATE INDEX IF NOT EXISTS cache_job ON cache (job_id);
 CREATE INDEX IF NOT EXISTS expired_at ON expired (at);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, state);
 """
 # Columns added after the first release: (table, column, declaration); added when missing.
 _ADDED_COLUMNS = (
     ("jobs", "bytes", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "owner", "TEXT"),
+    ("expired", "owner", "TEXT"),
     ("images", "sha256", "TEXT NOT NULL DEFAULT ''"),
     ("outputs", "cached", "INTEGER NOT NULL DEFAULT 0"),
     ("outputs", "cache_key", "TEXT"),
@@ -234,12 +238,14 @@ class Store:
     # --- jobs ---------------------------------------------------------------------------
     def create_job(self, job_id: str, images: Sequence[Original],
                    chains: Sequence[tuple[str, str]], *, now: float | None = None,
-                   cache: bool = True) -> None:
+                   cache: bool = True, owner: str | None = None) -> None:
         """Record a job whose originals are already in place.
 
         ``chains`` is ``(canonical ops, cost class)`` per chain. Outputs are image-major.
         With ``cache``, an output whose image bytes and chain match a done output still
         on disk is done at once: its file is linked from that output's, no worker runs.
+        ``owner`` is an opaque hash the gateway checks reads against (never a key); the
+        cache is per owner.
         """
         now = time.time() if now is None else now
         check_id(job_id)
@@ -249,7 +255,8 @@ class Store:
             for i, im in enumerate(images):
                 for c, (ops, cost) in enumerate(chains):
                     n = i * len(chains) + c
-                    key = f"{im.sha256}:{ops}" if im.sha256 else None
+                    # Per owner: one key's uploads never learn what another key asked for.
+                    key = f"{owner or ''}:{im.sha256}:{ops}" if im.sha256 else None
                     src = self._cached(db, key, job_id, n) if cache and key else None
                     if src is not None:
                         hits.append((src, n, i, ops, cost))
@@ -259,10 +266,10 @@ class Store:
             done = len(hits)
             total = done + len(rows)
             state = job_state(total, done, 0) if done else "queued"
-            db.execute("INSERT INTO jobs (id, created, finished, state, total, done, bytes)"
-                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO jobs (id, created, finished, state, total, done, bytes,"
+                       " owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (job_id, now, now if state in FINAL_JOB else None, state, total, done,
-                        originals + cached_bytes))
+                        originals + cached_bytes, owner))
             db.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?)",
                            [(job_id, i, im.format, im.width, im.height, im.nbytes, im.sha256)
                             for i, im in enumerate(images)])
@@ -300,47 +307,56 @@ class Store:
         db.execute("UPDATE cache SET job_id = ?, n = ? WHERE key = ?", (job_id, n, key))
         return src
 
-    def job(self, job_id: str) -> Job:
-        """The job with its outputs, read in one snapshot; NotFound for an unknown id."""
+    def job(self, job_id: str, *, owner: str | None = None) -> Job:
+        """The job with its outputs, read in one snapshot; NotFound for an unknown id,
+        Gone for an expired one. With ``owner`` (here and in the other reads), another
+        owner's job is NotFound too."""
         with self._tx("DEFERRED") as db:
             row = db.execute("SELECT * FROM jobs WHERE id=?", (check_id(job_id),)).fetchone()
-            if row is None:
-                raise self._missing(db, job_id)
+            if row is None or not _owns(row, owner):
+                raise self._missing(db, job_id, owner, row)
             outs = db.execute("SELECT * FROM outputs WHERE job_id=? ORDER BY n",
                               (job_id,)).fetchall()
         return _job(row, tuple(map(_output, outs)))
 
-    def output(self, job_id: str, n: int) -> Output:
-        db = self._db()
-        row = db.execute("SELECT * FROM outputs WHERE job_id=? AND n=?",
-                         (check_id(job_id), n)).fetchone()
+    def output(self, job_id: str, n: int, *, owner: str | None = None) -> Output:
+        self.job_state(job_id, owner=owner)  # NotFound or Gone for the job first
+        row = self._db().execute("SELECT * FROM outputs WHERE job_id=? AND n=?",
+                                 (job_id, n)).fetchone()
         if row is None:
-            if db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone() is None:
-                raise self._missing(db, job_id)
             raise NotFound(f"job {job_id} has no output {n}", field="n")
         return _output(row)
 
-    def job_state(self, job_id: str) -> str:
+    def job_state(self, job_id: str, *, owner: str | None = None) -> str:
         db = self._db()
-        row = db.execute("SELECT state FROM jobs WHERE id=?", (check_id(job_id),)).fetchone()
-        if row is None:
-            raise self._missing(db, job_id)
+        row = db.execute("SELECT state, owner FROM jobs WHERE id=?",
+                         (check_id(job_id),)).fetchone()
+        if row is None or not _owns(row, owner):
+            raise self._missing(db, job_id, owner, row)
         return str(row["state"])
 
     @staticmethod
-    def _missing(db: sqlite3.Connection, job_id: str) -> NotFound | Gone:
-        """Gone for a job that expired (while its tombstone lasts), else NotFound."""
-        row = db.execute("SELECT at FROM expired WHERE id=?", (job_id,)).fetchone()
-        if row is not None:
-            return Gone(f"job {job_id} expired (finished jobs are kept IMGPIPE_JOB_TTL_S)",
-                        field="id")
+    def _missing(db: sqlite3.Connection, job_id: str, owner: str | None,
+                 row: sqlite3.Row | None) -> NotFound | Gone:
+        """Gone for a job of ``owner`` that expired (while its tombstone lasts), else
+        NotFound: an unknown id, or another owner's job, live or expired."""
+        if row is None:
+            gone = db.execute("SELECT owner FROM expired WHERE id=?", (job_id,)).fetchone()
+            if gone is not None and _owns(gone, owner):
+                return Gone(f"job {job_id} expired (finished jobs are kept IMGPIPE_JOB_TTL_S)",
+                            field="id")
         return NotFound(f"no job {job_id}", field="id")
 
-    def recent_jobs(self, limit: int = 20) -> list[Job]:
-        """The newest ``limit`` jobs with their outputs, newest first, in two queries."""
+    def recent_jobs(self, limit: int = 20, *, owner: str | None = None) -> list[Job]:
+        """The newest ``limit`` jobs (of ``owner`` if given) with their outputs, newest
+        first, in two queries."""
         with self._tx("DEFERRED") as db:
-            rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?",
-                              (limit,)).fetchall()
+            if owner is None:
+                rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?",
+                                  (limit,)).fetchall()
+            else:
+                rows = db.execute("SELECT * FROM jobs WHERE owner=? ORDER BY created DESC"
+                                  " LIMIT ?", (owner, limit)).fetchall()
             outputs: dict[str, list[Output]] = {r["id"]: [] for r in rows}
             if rows:
                 marks = ",".join("?" * len(rows))
@@ -438,6 +454,13 @@ class Store:
         return new
 
     # --- numbers ---------------------------------------------------------------------------
+    def open_jobs_of(self, owner: str) -> int:
+        """Jobs of ``owner`` not final yet (queued or running), by the owner index."""
+        row = self._db().execute(
+            "SELECT COUNT(*) FROM jobs WHERE owner=? AND state IN ('queued', 'running')",
+            (owner,)).fetchone()
+        return int(row[0])
+
     def counts(self) -> Counts:
         """Open outputs by state (the open index makes this cheap)."""
         rows = self._db().execute(
@@ -491,7 +514,7 @@ class Store:
             return 0
         marks = ",".join("?" * len(ids))
         with self._tx() as db:
-            gone = db.execute(f"SELECT id, bytes FROM jobs WHERE id IN ({marks})"
+            gone = db.execute(f"SELECT id, bytes, owner FROM jobs WHERE id IN ({marks})"
                               f" AND finished IS NOT NULL", ids).fetchall()
             ids = [r["id"] for r in gone]
             freed = sum(r["bytes"] for r in gone)
@@ -501,8 +524,8 @@ class Store:
             for table, col in (("outputs", "job_id"), ("images", "job_id"),
                                ("cache", "job_id"), ("jobs", "id")):
                 db.execute(f"DELETE FROM {table} WHERE {col} IN ({marks})", ids)
-            db.executemany("INSERT OR REPLACE INTO expired VALUES (?, ?)",
-                           [(j, now) for j in ids])
+            db.executemany("INSERT OR REPLACE INTO expired VALUES (?, ?, ?)",
+                           [(r["id"], now, r["owner"]) for r in gone])
             db.execute("DELETE FROM expired WHERE at < ?", (now - TOMBSTONE_S,))
             _bump(db, bytes=-freed, **{f"jobs_{why}": len(ids)})
         for j in ids:
@@ -532,7 +555,7 @@ def _timings(row: sqlite3.Row) -> dict[str, float | None]:
 def _job(row: sqlite3.Row, outputs: tuple[Output, ...]) -> Job:
     return Job(id=row["id"], state=row["state"], created=row["created"],
                finished=row["finished"], total=row["total"], done=row["done"],
-               failed=row["failed"], outputs=outputs)
+               failed=row["failed"], outputs=outputs, owner=row["owner"])
 
 
 def _output(r: sqlite3.Row) -> Output:
@@ -543,6 +566,10 @@ def _output(r: sqlite3.Row) -> Output:
         content_type=r["content_type"], format=r["format"], error=r["error"],
         dispatched_at=r["dispatched_at"], finished_at=r["finished_at"],
         timings_ms=_timings(r), cached=bool(r["cached"]))
+
+
+def _owns(row: sqlite3.Row, owner: str | None) -> bool:
+    return owner is None or row["owner"] == owner
 
 
 def _bump(db: sqlite3.Connection, **deltas: int) -> None:

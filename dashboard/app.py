@@ -10,12 +10,14 @@ dashboard`` from its flags.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Any
 
 import streamlit as st
 
 from imgpipe.core.advice import MAINTAIN, SCALE_UP, recommend
-from imgpipe.core.config import Settings
+from imgpipe.core.config import Settings, is_loopback
 from imgpipe.core.control import ask, supervisor_endpoint
 from imgpipe.core.errors import ImgpipeError
 from imgpipe.core.records import FINAL_JOB
@@ -181,6 +183,13 @@ def recent_jobs(settings: Settings) -> None:
                 col.caption(f"output {out.get('n')} unavailable")
 
 
+def admin_key_matches(given: str, expected: str) -> bool:
+    """Constant-time comparison of the admin key (over digests, so lengths leak nothing)."""
+    digest = hashlib.sha256
+    return hmac.compare_digest(digest(given.strip().encode()).digest(),
+                               digest(expected.encode()).digest())
+
+
 def scale_control(settings: Settings, collector: Collector) -> None:
     st.subheader("Scale")
     endpoint = supervisor_endpoint(settings.data_dir)
@@ -197,9 +206,17 @@ def scale_control(settings: Settings, collector: Collector) -> None:
     current = int((status or {}).get("workers", 1)) if isinstance(status, dict) else 1
     if isinstance(status, dict) and status.get("autoscale"):
         st.caption(f"Autoscaling {status['autoscale']}: a manual count may be changed by it.")
+    if not settings.admin_key and not is_loopback(settings.gateway_host):
+        st.caption("Scaling from this page is off: the dashboard is reachable beyond "
+                   "loopback and IMGPIPE_ADMIN_KEY is not set. Use `imgpipe scale N`.")
+        return
     with st.form("scale"):
         n = st.number_input("Workers", min_value=0, max_value=64, value=current, step=1)
+        key = (st.text_input("Admin key", type="password") if settings.admin_key else "")
         if st.form_submit_button("Apply"):
+            if settings.admin_key and not admin_key_matches(key, settings.admin_key):
+                st.error("Wrong admin key: nothing was changed.")
+                return
             try:
                 ask(collector.ctx, settings, "scale", {"workers": int(n)}, timeout=3.0,
                     endpoint=endpoint)

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import zmq
 
-from imgpipe.core.config import Settings
+from imgpipe.core.config import Settings, client_headers
 from imgpipe.core.control import ask
 from imgpipe.core.errors import ImgpipeError
 from imgpipe.core.protocol import TOPIC_EVENT, TOPIC_HEARTBEAT, TOPIC_METRIC
@@ -101,7 +101,7 @@ class Collector(FleetState):
     def _poll(self) -> None:
         """Read the gateway's /api/metrics once a second (latency percentiles live there)."""
         url = self.poll_url.rstrip("/") + "/api/metrics"
-        with httpx.Client(timeout=POLL_S) as client:
+        with httpx.Client(timeout=POLL_S, headers=client_headers()) as client:
             while not self._stop.is_set():
                 try:
                     resp = client.get(url)

@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from imgpipe.core.config import client_headers
+
 THUMB_PX = 160
 
 
@@ -24,7 +26,8 @@ def recent_jobs(base_url: str, limit: int = 6, timeout: float = 1.5) -> list[dic
     """The newest ``limit`` job documents, newest first."""
     url = f"{base_url.rstrip('/')}/api/jobs"
     try:
-        resp = httpx.get(url, params={"limit": limit}, timeout=timeout)
+        resp = httpx.get(url, params={"limit": limit}, timeout=timeout,
+                         headers=client_headers())
     except httpx.HTTPError as exc:
         raise GatewayUnavailable(f"{base_url} not reachable ({type(exc).__name__})") from None
     if resp.status_code != 200:
@@ -61,7 +64,7 @@ def fetch_thumbnail(url: str, size: int = THUMB_PX, timeout: float = 3.0) -> byt
 def _get(url: str, timeout: float) -> httpx.Response:
     """``GET url``, answered 200, or GatewayUnavailable."""
     try:
-        resp = httpx.get(url, timeout=timeout)
+        resp = httpx.get(url, timeout=timeout, headers=client_headers())
     except httpx.HTTPError as exc:
         raise GatewayUnavailable(f"{url}: {type(exc).__name__}") from None
     if resp.status_code != 200:

@@ -22,7 +22,7 @@ from imgpipe.filters.codec import DEFAULT_MAX_PIXELS, EncodeParams
 from imgpipe.filters.geometry import ResizeParams, resize_scale, resize_size
 from imgpipe.filters.params import ParamError, Params, infos, quote
 from imgpipe.filters.pixels import Image, check_image
-from imgpipe.filters.registry import REGISTRY, Cost, FilterSpec
+from imgpipe.filters.registry import CODEC_MS_PER_MP, REGISTRY, Cost, FilterSpec, step_ms_per_mp
 
 MAX_FILTERS = 12
 MAX_SPEC_CHARS = 4096
@@ -98,6 +98,28 @@ class Chain:
                 if resize_size(*reduced, p) == target:
                     return f
         return 1
+
+
+def output_size(chain: Chain, width: int, height: int) -> tuple[int, int]:
+    """The size ``chain`` makes of a ``width``×``height`` input, without touching pixels."""
+    return chain.output_size(width, height)
+
+
+def estimate_ms(chain: Chain, width: int, height: int) -> float:
+    """Estimated CPU milliseconds of one output: decode, every step, encode.
+
+    Each step is weighted (:func:`~imgpipe.filters.registry.step_ms_per_mp`) by the
+    larger of its input and output in megapixels, so an enlarging resize is charged
+    for the pixels it makes and a filter after it for the pixels it gets.
+    """
+    mp = width * height / 1e6
+    total = CODEC_MS_PER_MP * mp
+    for step in chain.steps:
+        nw, nh = _next_size(step, width, height, None)
+        new_mp = nw * nh / 1e6
+        total += step_ms_per_mp(step.name, step.cost) * max(mp, new_mp)
+        width, height, mp = nw, nh, new_mp
+    return total + CODEC_MS_PER_MP * mp
 
 
 def _next_size(step: Step, width: int, height: int, max_pixels: int | None) -> tuple[int, int]:

@@ -45,6 +45,33 @@ from imgpipe.filters.params import Params, infos
 from imgpipe.filters.pixels import Image
 
 Cost = Literal["light", "heavy"]
+
+FRAME_4K_MP = 3840 * 2160 / 1e6
+"""The reference frame of the table above, in megapixels (8.29)."""
+CODEC_MS_PER_MP = 105 / FRAME_4K_MP
+"""Decode (70 ms) plus JPEG encode (35 ms) of the 4K frame, per megapixel: every output
+pays it once on its input's pixels and once on its output's (a fair split)."""
+STEP_MS_4K: dict[str, tuple[float, float]] = {
+    # The table above, per use: (light use, heavy use) in ms per 4K frame; the
+    # slowest measured case of each class, so an estimate errs towards too high.
+    "resize": (110, 110), "crop": (1, 1), "rotate": (16, 143), "flip": (4, 4),
+    "blur": (47, 47), "sharpen": (66, 66), "brightness": (11, 11), "contrast": (23, 23),
+    "saturation": (25, 25), "grayscale": (5, 5), "sepia": (7, 7), "invert": (4, 4),
+    "edges": (30, 30), "emboss": (12, 12), "median": (22, 883), "equalize": (45, 45),
+    "pixelate": (54, 54), "denoise": (9085, 9085),
+}
+DEFAULT_STEP_MS_4K = 50.0
+"""A filter missing from the table (test filters) is estimated at this."""
+
+
+def step_ms_per_mp(name: str, cost: Cost) -> float:
+    """Estimated CPU milliseconds per megapixel of one use of filter ``name``.
+
+    From the table above (one core of the reference machine): the weight the gateway's
+    job-cost estimate multiplies by each step's megapixels.
+    """
+    light, heavy = STEP_MS_4K.get(name, (DEFAULT_STEP_MS_4K, DEFAULT_STEP_MS_4K))
+    return (heavy if cost == "heavy" else light) / FRAME_4K_MP
 P = TypeVar("P", bound=Params)
 FilterFn = Callable[[Image, P], Image]
 Geometry = Callable[[int, int, P], tuple[int, int]]

@@ -15,6 +15,7 @@ import falcon
 from imgpipe.core.config import Settings
 from imgpipe.core.store import Store
 from imgpipe.gateway import errors
+from imgpipe.gateway.access import Access
 from imgpipe.gateway.fleet import (
     FiltersResource,
     FleetView,
@@ -61,7 +62,8 @@ def create_app(settings: Settings, *, store: Store | None = None,
     pipeline = pipeline or Pipeline(settings)
     view = FleetView(settings, store, pipeline)
     metrics = RequestMetrics(view.metrics)
-    app = falcon.App(middleware=[RequestAccounting(pipeline, metrics)])
+    middleware: list[Any] = [RequestAccounting(pipeline, metrics), Access(settings)]
+    app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
 

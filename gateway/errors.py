@@ -40,6 +40,32 @@ class PayloadTooLarge(ImgpipeError):
     error = "too_large"
 
 
+class TooExpensive(ImgpipeError):
+    """A chain's output or the whole job's estimated cost is over a limit (HTTP 413)."""
+
+    status = 413
+    error = "job_too_expensive"
+
+
+class OutputTooLarge(TooExpensive):
+    """A chain would make an output over ``max_pixels`` (HTTP 413)."""
+
+    error = "output_too_large"
+
+
+class TooManyRequests(ImgpipeError):
+    """Past a client's rate or concurrency limit; retry after ``retry_after`` s (HTTP 429)."""
+
+    status = 429
+    error = "too_many_requests"
+
+    def __init__(self, detail: str, *, retry_after: float, error: str | None = None) -> None:
+        super().__init__(detail, field="client")
+        self.retry_after = retry_after
+        if error:
+            self.error = error
+
+
 class RequestTimeout(ImgpipeError):
     """The client did not send its body within ``gateway_timeout_s`` (HTTP 408)."""
 
@@ -85,6 +111,7 @@ def handle_imgpipe_error(req: falcon.Request, resp: falcon.Response, exc: Imgpip
         retry = 5
     if retry is not None:
         resp.set_header("Retry-After", str(max(1, int(math.ceil(retry)))))
+    resp.set_headers(getattr(exc, "headers", None) or {})
 
 
 def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception,

@@ -33,8 +33,10 @@ from imgpipe.core.records import (
 )
 from imgpipe.core.retention import make_room, over_budget
 from imgpipe.core.store import Store
+from imgpipe.gateway.access import owner_of
 from imgpipe.gateway.documents import job_doc
 from imgpipe.gateway.errors import BadParam, OutputFailed, QueueFull
+from imgpipe.gateway.limits import ClientLimits, check_cost
 from imgpipe.gateway.pipeline import Pipeline
 from imgpipe.gateway.upload import Upload, check_length, parse_upload
 
@@ -56,24 +58,33 @@ class ProcessResource:
         self.store = store
         self.pipeline = pipeline
         self.waiter = Waiter(settings, store, pipeline)
+        self.limits = ClientLimits(settings, store)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         wait_s = parse_wait(req, self.settings)
         use_cache = parse_cache(req)
         check_length(req, self.settings)
         self.check_capacity(0)  # refuse before reading a body that cannot be queued
+        owner = str(req.context.owner)
+        self.limits.admit(owner)
         self.check_storage()
         with storage_errors():
             upload = parse_upload(req, self.settings, self.store)
             req.context.upload_bytes = upload.body_bytes
-            job_id = self.record(upload, cache=use_cache)
+            try:
+                check_cost([(i.width, i.height) for i in upload.images],
+                           [ops for ops, _ in upload.chains], self.settings)
+            except BaseException:
+                upload.discard()
+                raise
+            job_id = self.record(upload, owner, cache=use_cache)
         self.pipeline.notify(job_id, upload.outputs)
         self.pipeline.stats.accepted()
         resp.set_header("Location", f"/api/jobs/{job_id}")
         final = wait_s > 0 and self.waiter.wait(job_id, wait_s)
         job = self.store.job(job_id)
         if final and len(job.outputs) == 1 and wants_image(req):
-            serve_output(req, resp, self.store, job_id, 0)
+            serve_output(req, resp, self.store, job_id, 0, owner=owner_of(req))
             return
         resp.status = falcon.HTTP_200 if final else falcon.HTTP_202
         resp.media = job_doc(job)
@@ -106,7 +117,7 @@ class ProcessResource:
                               f"unfinished jobs, at its cap (IMGPIPE_MAX_DATA_BYTES="
                               f"{self.settings.max_data_bytes}); retry when they finish")
 
-    def record(self, upload: Upload, *, cache: bool = True) -> str:
+    def record(self, upload: Upload, owner: str | None = None, *, cache: bool = True) -> str:
         """Adopt the originals and create the job; undo the files on any error."""
         job_id = new_job_id()
         try:
@@ -115,7 +126,7 @@ class ProcessResource:
                 self.store.adopt_original(job_id, i, img.format, img.tmp)
             self.store.create_job(
                 job_id, [Original(i.format, i.width, i.height, i.nbytes, i.sha256)
-                         for i in upload.images], upload.chains, cache=cache)
+                         for i in upload.images], upload.chains, cache=cache, owner=owner)
         except BaseException:
             upload.discard()
             self.store.discard_originals(job_id)
@@ -158,14 +169,16 @@ class JobResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
         wait_s = parse_wait(req, self.settings)
-        self.store.job_state(check_id(job_id))  # 404 before waiting on a job that is not there
+        owner = owner_of(req)
+        # 404 (an unknown id or another key's job) before waiting on it
+        self.store.job_state(check_id(job_id), owner=owner)
         if wait_s > 0:
             self.waiter.wait(job_id, wait_s)
-        resp.media = job_doc(self.store.job(job_id))
+        resp.media = job_doc(self.store.job(job_id, owner=owner))
 
 
 class JobListResource:
-    """``GET /api/jobs?limit=N``: the most recent job documents, newest first (dashboard)."""
+    """``GET /api/jobs?limit=N``: the caller's most recent job documents, newest first."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -174,7 +187,8 @@ class JobListResource:
         raw = req.get_param("limit") or "20"
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
             raise BadParam(f"limit must be a whole number from 1 to {MAX_LIST}", field="limit")
-        resp.media = {"jobs": [job_doc(j) for j in self.store.recent_jobs(int(raw))]}
+        jobs = self.store.recent_jobs(int(raw), owner=owner_of(req))
+        resp.media = {"jobs": [job_doc(j) for j in jobs]}
 
 
 class OutputResource:
@@ -186,13 +200,13 @@ class OutputResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str, n: str) -> None:
         if not n.isdigit() or len(n) > 6:
             raise NotFound(f"no output {n!r}: outputs are numbered from 0", field="n")
-        serve_output(req, resp, self.store, check_id(job_id), int(n))
+        serve_output(req, resp, self.store, check_id(job_id), int(n), owner=owner_of(req))
 
 
 def serve_output(req: falcon.Request, resp: falcon.Response, store: Store, job_id: str,
-                 n: int) -> None:
+                 n: int, *, owner: str | None = None) -> None:
     """Stream output ``n`` with its content type, ETag and immutable caching."""
-    out = store.output(job_id, n)
+    out = store.output(job_id, n, owner=owner)
     if out.state == "failed":
         raise OutputFailed(f"output {n} failed: {out.error or 'unknown error'}", field="n")
     if out.state not in FINAL:

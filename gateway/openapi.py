@@ -131,7 +131,6 @@ SCHEMAS: dict[str, Any] = {
 def build_spec(settings: Settings) -> dict[str, Any]:
     """The OpenAPI document; limits are filled in from ``settings``."""
     s = settings
-    job_404 = _err("no such job (unknown or malformed id)")
     process = {
         "summary": "Submit images and filter chains; one output per image x chain",
         "description": (
@@ -162,12 +161,18 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             "202": _json(_ref("Job"), "job accepted (and recorded) but not finished"),
             "400": _err("bad form, bad ops chain or bad parameter; `field` names it"),
             "408": _err("the body did not arrive in time"),
-            "413": _err("body over the upload limit, or an image over the pixel limit"),
+            "413": _err("body over the upload limit, an image over the pixel limit "
+                        "(`too_large`), an output over it (`output_too_large`), or the "
+                        f"estimated cost over {s.max_job_cost:g} CPU seconds per job or half "
+                        f"of {s.task_timeout_s:g} s per output (`job_too_expensive`)"),
+            "429": _err(f"past this client's limit: {s.client_concurrency} jobs in flight "
+                        f"(`too_many_jobs`) or {s.client_rate_per_min:g} jobs per minute "
+                        "(`rate_limited`)", retry=True),
             "415": _err("a part is not a decodable image of an allowed format"),
             "422": _err("with `wait` and `Accept: image/*`: the one output failed"),
             "503": _err("the queue is full; retry after `Retry-After` seconds", retry=True),
             "507": _err("the data dir's disk is full, or its byte cap is spent on open jobs")}}
-    return {
+    spec: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {"title": "imgpipe gateway", "version": "1.0.0",
                  "description": "Distributed image processing: upload images with filter "
@@ -176,7 +181,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         "paths": {
             "/api/process/": {"post": {"operationId": "process", **process}},
             "/api/jobs": {"get": {
-                "operationId": "listJobs", "summary": "Recent job documents, newest first (an extension the dashboard uses)",
+                "operationId": "listJobs", "summary": "The caller's recent job documents, newest first (an extension the dashboard uses)",
                 "parameters": [{"name": "limit", "in": "query", "required": False,
                                 "schema": {"type": "integer", "minimum": 1, "maximum": 100,
                                            "default": 20}}],
@@ -190,7 +195,9 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                                    f"{s.max_wait_s:g}); answered as it stands at the end",
                     "schema": {"type": "number", "minimum": 0}}],
                 "responses": {"200": _json(_ref("Job"), "the job"),
-                              "400": _err("bad wait"), "404": job_404,
+                              "400": _err("bad wait"),
+                              "404": _err("no such job (unknown or malformed id, or another "
+                                          "API key's job)"),
                               "410": _err("the job expired (IMGPIPE_JOB_TTL_S)")}}},
             "/api/jobs/{job_id}/outputs/{n}": {"get": {
                 "operationId": "getOutput", "summary": "Output n's bytes once it is done",
@@ -233,8 +240,18 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "responses": {"200": {"description": "OpenAPI 3.0", "content": {
                     JSON: {"schema": {"type": "object"}}}}}}},
         },
-        "components": {"schemas": SCHEMAS},
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "an API key from IMGPIPE_API_KEYS; needed by every "
+                                      "/api/* route when the gateway has keys"}}},
     }
+    for path, item in spec["paths"].items():
+        if path.startswith("/api/"):
+            for op in item.values():
+                op["security"] = [{"bearer": []}, {}]  # {}: a keyless gateway
+                op["responses"]["401"] = _err("with API keys on: no key, or an unknown one; "
+                                              "answered with `WWW-Authenticate: Bearer`")
+    return spec
 
 
 class OpenAPIResource:

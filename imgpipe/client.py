@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from imgpipe.core.config import client_headers
 from imgpipe.core.records import FINAL_JOB
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -102,7 +103,8 @@ def main(argv: Sequence[str]) -> int:
         return 2
     url = ns.url.rstrip("/")
     try:
-        with httpx.Client(timeout=httpx.Timeout(60.0, connect=5.0)) as client:
+        with httpx.Client(timeout=httpx.Timeout(60.0, connect=5.0),
+                          headers=client_headers()) as client:
             job = submit(url, ns.files, ns.ops, client=client)
             if ns.wait or ns.out:
                 job = wait(url, job["id"], client=client, timeout=ns.timeout)

@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from imgpipe.core.advice import SCALE_DOWN, SCALE_UP, recommend
+from imgpipe.core.config import client_headers
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 SPARK = "▁▂▃▄▅▆▇█"
@@ -46,7 +47,7 @@ def fetch(url: str, timeout: float = 3.0) -> tuple[list[dict[str, Any]], dict[st
     base = url.rstrip("/")
     out: list[Any] = []
     try:
-        with httpx.Client(timeout=timeout) as client:
+        with httpx.Client(timeout=timeout, headers=client_headers()) as client:
             for path in ("/api/workers", "/api/metrics"):
                 resp = client.get(base + path)
                 if resp.status_code != 200:

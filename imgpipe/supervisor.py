@@ -39,6 +39,7 @@ from imgpipe.core.advice import Autoscaler
 from imgpipe.core.config import (
     Settings,
     add_settings_args,
+    client_headers,
     parse_range,
     reachable_host,
     settings_from_args,
@@ -48,6 +49,7 @@ from imgpipe.core.errors import ImgpipeError
 from imgpipe.core.protocol import Reply, Request, decode, encode
 from imgpipe.core.runtime import configure_logging, die_with_parent
 from imgpipe.core.sockets import bound_endpoint, make_socket
+from imgpipe.gateway.access import check_exposure, load_keys
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,11 @@ class Supervisor:
                  autoscale: tuple[int, int] | None = None) -> None:
         self.settings = settings
         self.env = {**os.environ, **settings.to_env()}
+        # The children that call the gateway (the dashboard) send IMGPIPE_API_KEY: with
+        # keys on and none given, they use one of the stack's own.
+        auth = self._gateway_headers().get("Authorization", "")
+        if auth and not self.env.get("IMGPIPE_API_KEY"):
+            self.env["IMGPIPE_API_KEY"] = auth.removeprefix("Bearer ")
         self.children: list[Child] = []
         self.dashboard = dashboard
         self.autoscale = autoscale
@@ -251,12 +258,23 @@ class Supervisor:
             reply = Reply(ok=False, error=f"internal error: {type(exc).__name__}")
         ctl.send_multipart([*envelope, *encode(reply)])
 
+    def _gateway_headers(self) -> dict[str, str]:
+        """``IMGPIPE_API_KEY`` if set, else the stack's first API key (the autoscaler
+        reads ``/api/metrics``, which needs one when the gateway has keys)."""
+        headers = client_headers()
+        if not headers and self.settings.api_keys:
+            keys = sorted(load_keys(self.settings.api_keys))
+            if keys:
+                headers = {"Authorization": f"Bearer {keys[0]}"}
+        return headers
+
     def _autoscale_step(self) -> None:
         assert self.autoscale is not None
         if self._scaler is None:
             self._scaler = Autoscaler(*self.autoscale, current=len(self.workers()))
         try:
-            metrics = httpx.get(f"{self.settings.gateway_url}/api/metrics", timeout=2.0).json()
+            metrics = httpx.get(f"{self.settings.gateway_url}/api/metrics", timeout=2.0,
+                                headers=self._gateway_headers()).json()
         except (httpx.HTTPError, ValueError):
             return
         target = self._scaler.observe(metrics, time.monotonic())
@@ -339,8 +357,15 @@ def main_up(argv: Sequence[str]) -> int:
     add_settings_args(parser, "workers", "data_dir", "gateway_port", "dashboard_port",
                       "gateway_host", "autoscale", "worker_processes", "log_level")
     parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
+    parser.add_argument("--insecure", action="store_const", const=True, default=None,
+                        help="serve beyond loopback without API keys (env IMGPIPE_INSECURE=1)")
     ns = parser.parse_args(argv)
     settings = settings_from_args(ns)
+    try:
+        check_exposure(settings)
+    except ImgpipeError as exc:
+        print(f"imgpipe up: {exc.detail}", file=sys.stderr)
+        return 2
     if ns.gateway_port is not None and "IMGPIPE_GATEWAY_URL" not in os.environ:
         host = reachable_host(settings.gateway_host)
         settings = settings.with_overrides(gateway_url=f"http://{host}:{settings.gateway_port}")

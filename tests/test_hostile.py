@@ -76,7 +76,7 @@ def peer(stack_data: Path, home: Path, *, key: str | None, listed: bool = False)
 
 
 def submit(url: str, chains: list[str]) -> dict[str, Any]:
-    resp = httpx.post(f"{url}/api/process/", params={"wait": 60},
+    resp = httpx.post(f"{url}/api/process/", params={"wait": 60, "cache": 0},
                       files=[("image", ("a.jpg", jpeg(320, 240), "image/jpeg"))],
                       data={"ops": chains}, timeout=90)
     assert resp.status_code == 200, resp.text

@@ -49,6 +49,11 @@ def test_summary_counts_and_fails_on_unfinished_or_5xx() -> None:
     assert LoadSummary(1.0, [none], 1).failed                     # no answer at all
 
 
+def test_a_429_is_a_refusal_not_an_error() -> None:
+    limited = LoadSummary(1.0, [sub(202, "done"), sub(429)], 1)
+    assert limited.to_dict()["rejected_429"] == 1 and not limited.failed
+
+
 def test_chaos_counts_lost_and_duplicated_outputs() -> None:
     outs = [{"n": 0, "state": "failed", "attempts": 3},
             {"n": 1, "state": "queued", "attempts": 1},

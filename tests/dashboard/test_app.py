@@ -131,3 +131,54 @@ def test_scale_control_talks_to_the_local_supervisor(app_env: Settings,
     finally:
         sup.stop.set()
         sup.thread.join(5)
+
+
+def _with_supervisor(app_env: Settings, zctx: zmq.Context[Any]) -> FakeSupervisor:
+    endpoint = app_env.control_endpoint + "-supervisor"
+    app_env.data_dir.mkdir(parents=True, exist_ok=True)
+    (app_env.data_dir / SUPERVISOR_FILE).write_text(json.dumps({"control": endpoint,
+                                                                "pid": 1}))
+    sup = FakeSupervisor(zctx, app_env, endpoint)
+    sup.thread.start()
+    return sup
+
+
+@pytest.mark.timeout(120)
+def test_scale_needs_the_admin_key_when_one_is_set(app_env: Settings, zctx: zmq.Context[Any],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_ADMIN_KEY", "adm1n")
+    sup = _with_supervisor(app_env, zctx)
+    try:
+        at = AppTest.from_file(APP, default_timeout=30)
+        at.run()
+        assert not at.exception, at.exception
+        at.sidebar.number_input[0].set_value(5)
+        at.sidebar.text_input[0].set_value("wrong")
+        at.sidebar.button[0].click()
+        at.run()
+        assert "Wrong admin key" in "\n".join(e.value for e in at.sidebar.error)
+        assert [r.op for r in sup.asked if r.op == "scale"] == []
+        at.sidebar.text_input[0].set_value("adm1n")
+        at.sidebar.button[0].click()
+        at.run()
+        assert not at.exception, at.exception
+        assert [r.args for r in sup.asked if r.op == "scale"] == [{"workers": 5}]
+    finally:
+        sup.stop.set()
+        sup.thread.join(5)
+
+
+@pytest.mark.timeout(120)
+def test_scale_is_hidden_beyond_loopback_without_an_admin_key(
+        app_env: Settings, zctx: zmq.Context[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_GATEWAY_HOST", "0.0.0.0")
+    sup = _with_supervisor(app_env, zctx)
+    try:
+        at = AppTest.from_file(APP, default_timeout=30)
+        at.run()
+        assert not at.exception, at.exception
+        assert not at.sidebar.number_input
+        assert "IMGPIPE_ADMIN_KEY" in "\n".join(c.value for c in at.sidebar.caption)
+    finally:
+        sup.stop.set()
+        sup.thread.join(5)

@@ -6,6 +6,7 @@ settings start an extra gateway on the same store and pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -331,3 +332,84 @@ def test_a_chunked_upload_over_the_limit_is_413_while_streaming(stack: Stack) ->
     finally:
         small.kill()
         small.close()
+
+
+def test_trickling_request_heads_hold_no_thread_and_are_closed(stack: Stack) -> None:
+    # One process of 4 threads; 64 clients each sending its request head a byte a second.
+    small = stack.extra_gateway(gateway_workers=1, gateway_threads=4, header_timeout_s=8.0)
+    small.wait_healthy()
+    head = b"GET /healthz HTTP/1.1\r\nHost: trickle\r\nX-Slow: " + b"z" * 64 + b"\r\n\r\n"
+    socks = [socket.create_connection(("127.0.0.1", small.settings.gateway_port), timeout=20)
+             for _ in range(64)]
+    rounds = threading.Semaphore(0)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for i in range(len(head) - 4):  # never the end of the head
+            for s in socks:
+                with contextlib.suppress(OSError):  # closed by the server: expected
+                    s.send(head[i:i + 1])
+            rounds.release()
+            if stop.wait(1.0):
+                return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        for _ in range(2):  # every trickler has sent bytes: stock gthread gave each a thread
+            assert rounds.acquire(timeout=10), "the trickler did not send"
+        with httpx.Client(base_url=small.url, timeout=5.0) as http:
+            for _ in range(5):
+                assert http.get("/healthz").status_code == 200
+                assert http.get("/openapi.json").status_code == 200
+        # A head that never completes is closed at its deadline (8 s here), 408 first.
+        for s in socks:
+            answer = _answer_or_close(s)
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    finally:
+        stop.set()
+        thread.join(10)
+        for s in socks:
+            s.close()
+        small.kill()
+        small.close()
+
+
+def test_api_keys_over_http_and_insecure_beyond_loopback(stack: Stack) -> None:
+    keyed = stack.extra_gateway(api_keys="live-key-1,live-key-2", gateway_host="0.0.0.0")
+    try:
+        body, ctype = im.multipart([im.jpeg(seed=16)], ["invert"])
+        res = keyed.http.post("/api/process/?wait=60", content=body,
+                              headers={"Content-Type": ctype})
+        assert res.status_code == 401 and res.headers["www-authenticate"].startswith("Bearer")
+        assert keyed.http.get("/healthz").status_code == 200
+        mine = {"Authorization": "Bearer live-key-1"}
+        res = keyed.http.post("/api/process/?wait=60", content=body,
+                              headers={"Content-Type": ctype, **mine})
+        assert res.status_code == 200 and res.json()["state"] == "done", res.text
+        job = res.json()["id"]
+        assert keyed.http.get(f"/api/jobs/{job}/outputs/0", headers=mine).status_code == 200
+        theirs = {"Authorization": "Bearer live-key-2"}
+        assert keyed.http.get(f"/api/jobs/{job}/outputs/0", headers=theirs).status_code == 404
+    finally:
+        keyed.kill()
+        keyed.close()
+    open_gw = stack.extra_gateway(gateway_host="0.0.0.0", insecure=True)
+    try:
+        assert open_gw.http.get("/api/filters").status_code == 200
+    finally:
+        open_gw.kill()
+        open_gw.close()
+
+
+def test_pipelined_requests_are_all_answered(gw: Gateway) -> None:
+    sock = socket.create_connection(("127.0.0.1", gw.settings.gateway_port), timeout=30)
+    try:
+        one = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n"
+        last = b"GET /api/filters HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        sock.sendall(one + one + last)
+        answer = _answer_or_close(sock)
+        assert answer.count(b"HTTP/1.1 200") == 3, answer[:300]
+        assert b'"filters"' in answer
+    finally:
+        sock.close()
