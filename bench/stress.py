@@ -5,6 +5,9 @@
                    ``--duration`` seconds, on schedule whether or not earlier ones are done
                    (a client that waits for answers would hide the queueing it causes).
 ``chaos``          the worker-kill scenario against a local stack (see bench/chaos.py).
+``soak``           a long open-loop mix (with repeats that hit the result cache) against a
+                   local stack, sampling each component's memory, files and threads, shared
+                   memory, data-dir bytes and database size (see bench/soak.py).
 
 Every run is bounded in count and time and goes to loopback only unless
 ``--allow-remote`` is given. It prints the achieved rate, latency percentiles, status
@@ -29,7 +32,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from imgpipe.bench import load, procs, work
+from imgpipe.bench import load, procs, soak, work
 from imgpipe.bench.client import check_target, default_url, is_loopback
 from imgpipe.bench.images import generate, parse_size
 from imgpipe.core.config import client_headers
@@ -37,6 +40,7 @@ from imgpipe.core.config import client_headers
 MAX_BURST = 10_000
 MAX_RATE = 1_000.0
 MAX_DURATION_S = 3_600.0
+MAX_SOAK_S = 7 * 86_400.0
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -69,13 +73,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     from imgpipe.bench import chaos
 
     chaos.add_args(sub.add_parser("chaos", help="kill workers while jobs run (local stack)"))
+    s = sub.add_parser("soak", help="a long mixed load, watching every resource for growth")
+    s.add_argument("--url", default=None, help="gateway URL of a local stack")
+    soak.add_args(s)
     ns = p.parse_args(argv)
     ns.url = (ns.url or default_url()).rstrip("/")
     if ns.kind == "burst" and not 1 <= ns.n <= MAX_BURST:
         p.error(f"N must be 1..{MAX_BURST}")
-    if ns.kind == "continuous" and not (0 < ns.rate <= MAX_RATE
-                                        and 0 < ns.duration <= MAX_DURATION_S):
+    if ns.kind in ("continuous", "soak") and not (0 < ns.rate <= MAX_RATE
+                                                  and 0 < ns.duration <= MAX_SOAK_S):
         p.error(f"--rate must be in (0, {MAX_RATE:g}] and --duration in (0, {MAX_DURATION_S:g}]")
+    if ns.kind == "continuous" and ns.duration > MAX_DURATION_S:
+        p.error(f"--duration must be at most {MAX_DURATION_S:g} s (use soak for longer)")
     if ns.timeout <= 0:
         p.error("--timeout must be positive")
     try:
@@ -84,9 +93,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error(str(exc))
     if getattr(ns, "image", None) and not ns.image.is_file():
         p.error(f"--image {ns.image}: no such file")
-    if ns.kind == "chaos" and not is_loopback(ns.url):
-        p.error(f"{ns.url} is not loopback: chaos kills local processes, so it runs "
-                "against a local stack only")
+    if ns.kind in ("chaos", "soak") and not is_loopback(ns.url):
+        p.error(f"{ns.url} is not loopback: {ns.kind} watches (or kills) local processes, "
+                "so it runs against a local stack only")
     if err := check_target(ns.url, getattr(ns, "allow_remote", False)):
         p.error(err)
     return ns
@@ -161,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from imgpipe.bench import chaos
 
         return chaos.run(ns, console)
+    if ns.kind == "soak":
+        return soak.run(ns, console)
     image = the_image(ns)
     root = procs.stack_root(ns.url)
     limits = httpx.Limits(max_connections=128, max_keepalive_connections=64)
