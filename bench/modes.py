@@ -217,7 +217,8 @@ class Pipeline(Mode):
         t = time.perf_counter()
         try:
             status, headers, content = self.poster.post(
-                f"/api/process/?wait={self.wait_s:g}", body, ctype, {"Accept": "image/jpeg"})
+                f"/api/process/?wait={self.wait_s:g}&cache=0", body, ctype,
+                {"Accept": "image/jpeg"})
         except (OSError, http.client.HTTPException) as exc:
             return None, (time.perf_counter() - t) * 1000, f"{type(exc).__name__}: {exc}"
         if status == 202:  # every ?wait slot of the gateway was taken: poll
