@@ -101,15 +101,41 @@ def is_worker_of(pid: int, root: psutil.Process | None) -> bool:
         return False
 
 
-class RssSampler:
+class Periodic:
+    """Calls :meth:`sample` on entry, every ``interval`` seconds on its own thread, and
+    once more on exit."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=type(self).__name__,
+                                        daemon=True)
+
+    def sample(self) -> Any:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> Any:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+class RssSampler(Periodic):
     """Peak RSS per role (largest single process, MB) of a local stack while running."""
 
     def __init__(self, root: psutil.Process, interval: float = 0.25) -> None:
+        super().__init__(interval)
         self.root = root
-        self.interval = interval
         self.peak: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
 
     def sample(self) -> None:
         # labelled() reads /proc for the stack's own processes only (see children_of).
@@ -119,19 +145,6 @@ class RssSampler:
             except psutil.Error:
                 continue
             self.peak[role] = max(self.peak.get(role, 0.0), mb)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __enter__(self) -> RssSampler:
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def report(self) -> dict[str, float]:
         return {k: round(v, 1) for k, v in sorted(self.peak.items())}

@@ -75,16 +75,15 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-class Sampler:
+class Sampler(procs.Periodic):
     """Samples the stack behind ``root`` every ``interval`` seconds, on its own thread."""
 
     def __init__(self, root: psutil.Process | None, data: Path, shm: Path,
                  interval: float) -> None:
-        self.root, self.data, self.shm, self.interval = root, data, shm, interval
+        super().__init__(interval)
+        self.root, self.data, self.shm = root, data, shm
         self.samples: list[dict[str, Any]] = []
         self.t0 = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="soak-sampler", daemon=True)
 
     def sample(self) -> dict[str, Any]:
         roles: dict[str, dict[str, float]] = {}
@@ -106,20 +105,6 @@ class Sampler:
                "db_mb": round(db / 1e6, 2)}
         self.samples.append(row)
         return row
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __enter__(self) -> Sampler:
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
 
 def series(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:

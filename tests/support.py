@@ -165,3 +165,14 @@ def stop_stack(stack: Stack, timeout: float = 30.0) -> int:
             raise AssertionError(
                 f"imgpipe up did not stop in {timeout} s:\n{stack.log()}") from None
     return int(stack.proc.returncode)
+
+
+def fill_disk(path: Path) -> None:
+    """Write zeros to ``path`` until its filesystem refuses (a full disk, for tests)."""
+    with open(path, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass

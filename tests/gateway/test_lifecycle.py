@@ -11,7 +11,7 @@ from imgpipe.core import retention
 from imgpipe.core.config import Settings
 from tests.gateway import images as im
 from tests.gateway.test_jobs import finish
-from tests.support import make_settings
+from tests.support import fill_disk, make_settings
 
 
 def submit(gw: Any, image: bytes, ops: str = "resize:w=16", **params: str) -> Any:
@@ -67,13 +67,7 @@ def test_a_full_disk_answers_507_and_recovers(tmp_path: Path, make_gateway: Any,
     image = im.jpeg(640, 480, seed=5)
     assert submit(gw, image).status_code == 202
     filler = disk / "filler"
-    with open(filler, "wb") as fh:  # fill every block that is left
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
+    fill_disk(filler)
     res = submit(gw, image)
     assert res.status_code == 507, res.text
     assert res.json["error"] == "insufficient_storage" and "full" in res.json["detail"]

@@ -13,6 +13,7 @@ from imgpipe.core.protocol import Result
 from imgpipe.core.records import Original, new_job_id, task_id
 from imgpipe.core.store import Store
 from imgpipe.sink.results import ResultHandler
+from tests.support import fill_disk
 
 KEY = b"k" * 32
 
@@ -155,13 +156,7 @@ def test_a_result_the_disk_cannot_take_goes_back_and_leaves_nothing_done(
     store = Store(disk / "data")
     job = make_job(store, chains=1)
     filler = disk / "filler"
-    with open(filler, "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
+    fill_disk(filler)
     h = ResultHandler(store, KEY)
     big = result(job, 0, payload=os.urandom(256 * 1024))
     back = h.handle(big)
