@@ -5,10 +5,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 N ?= 3
-COMPOSE := docker compose -f compose/docker-compose.yml -p imgpipe
 PYTEST_ARGS ?=
+# Docker: the compose project (tests pass their own), the base image wanted when a
+# registry answers (compose/base-image.sh builds an equivalent from Debian packages when
+# none does), and where the host-built wheels go (the image build needs no network).
+PROJECT ?= imgpipe
+PYTHON_IMAGE ?= python:3.11-slim
+WHEELS := compose/wheelhouse
+# Compose v2 (`docker compose`) or v1 (`docker-compose`), looked up once when first used.
+COMPOSE_CLI = $(eval COMPOSE_CLI := $(shell \
+  if docker compose version >/dev/null 2>&1; then echo docker compose; \
+  elif command -v docker-compose >/dev/null 2>&1; then echo docker-compose; \
+  else echo docker compose; fi))$(COMPOSE_CLI)
+COMPOSE = $(COMPOSE_CLI) -f compose/docker-compose.yml -p $(PROJECT)
 
-.PHONY: install system-deps test test-fast run bench lint scale compose-up compose-down clean
+.PHONY: install system-deps test test-fast run bench lint scale compose-up compose-down \
+	wheelhouse image clean
 
 install: $(STAMP)
 
@@ -41,7 +53,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# Under Docker Compose when a compose stack runs, else the local stack.
+# Under Docker Compose when that compose project has containers, else the local stack.
 scale:
 	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 \
 	    && [ -n "$$($(COMPOSE) ps -q 2>/dev/null)" ]; then \
@@ -50,11 +62,28 @@ scale:
 	  make --no-print-directory install && $(BIN)/imgpipe scale $(N); \
 	fi
 
-compose-up:
-	$(COMPOSE) up -d --build --scale worker=$(N)
+# Every runtime dependency as a wheel (again only when pyproject.toml changes), then the
+# project's own wheel from this checkout, for the Python of the base image (3.11).
+$(WHEELS)/deps/.complete: pyproject.toml | $(STAMP)
+	rm -rf $(WHEELS)/deps
+	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELS)/deps .
+	rm -f $(WHEELS)/deps/imgpipe-*.whl
+	touch $@
+
+wheelhouse: $(WHEELS)/deps/.complete
+	rm -rf $(WHEELS)/app
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir $(WHEELS)/app .
+
+# The base: PYTHON_IMAGE if present or pullable, else imgpipe-base:bookworm (made once).
+image: wheelhouse
+	base=$$(bash compose/base-image.sh $(PYTHON_IMAGE)) \
+	  && PYTHON_IMAGE=$$base $(COMPOSE) build
+
+compose-up: image
+	$(COMPOSE) up -d --scale worker=$(N)
 
 compose-down:
-	$(COMPOSE) down
+	$(COMPOSE) down --remove-orphans
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(WHEELS) .pytest_cache .mypy_cache .ruff_cache *.egg-info
