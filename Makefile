@@ -39,9 +39,9 @@ system-deps:
 test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Unit tests only: no browser, no process stacks.
+# Unit tests only: no browser, no process stacks, no Docker engine.
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not browser and not docker" $(PYTEST_ARGS)
 
 run: install
 	$(BIN)/imgpipe up --workers $(N)
@@ -63,7 +63,8 @@ scale:
 	fi
 
 # Every runtime dependency as a wheel (again only when pyproject.toml changes), then the
-# project's own wheel from this checkout, for the Python of the base image (3.11).
+# project's own wheel from this checkout, for the Python of the base image (3.11), with
+# fixed zip timestamps: the same source gives the same wheel, so its image layer is reused.
 $(WHEELS)/deps/.complete: pyproject.toml | $(STAMP)
 	rm -rf $(WHEELS)/deps
 	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELS)/deps .
@@ -72,7 +73,8 @@ $(WHEELS)/deps/.complete: pyproject.toml | $(STAMP)
 
 wheelhouse: $(WHEELS)/deps/.complete
 	rm -rf $(WHEELS)/app
-	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir $(WHEELS)/app .
+	SOURCE_DATE_EPOCH=315532800 $(BIN)/pip wheel --quiet --no-deps --no-build-isolation \
+	  --wheel-dir $(WHEELS)/app .
 
 # The base: PYTHON_IMAGE if present or pullable, else imgpipe-base:bookworm (made once).
 image: wheelhouse
