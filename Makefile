@@ -77,8 +77,14 @@ wheelhouse: $(WHEELS)/deps/.complete
 	  --wheel-dir $(WHEELS)/app .
 
 # The base: PYTHON_IMAGE if present or pullable, else imgpipe-base:bookworm (made once).
+# The wheels are for this venv's Python: the base must run the same minor version.
+PYMINOR := import sys; print("%d.%d" % sys.version_info[:2])
 image: wheelhouse
 	base=$$(bash compose/base-image.sh $(PYTHON_IMAGE)) \
+	  && have=$$($(BIN)/python -c '$(PYMINOR)') \
+	  && want=$$(docker run --rm --entrypoint python3 $$base -c '$(PYMINOR)') \
+	  && { [ "$$have" = "$$want" ] || { echo "error: the wheelhouse is for Python $$have," \
+	       "the base $$base runs $$want: make the venv with PY=python$$want" >&2; exit 1; }; } \
 	  && PYTHON_IMAGE=$$base $(COMPOSE) build
 
 compose-up: image
