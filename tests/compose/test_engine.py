@@ -41,7 +41,7 @@ services:
   worker:
     environment:
       IMGPIPE_TEST_HOOKS: "1"
-      IMGPIPE_WORKER_DELAY_MS: "250"
+      IMGPIPE_WORKER_DELAY_MS: "400"
 """
 FINAL = ("done", "failed", "partial")
 
@@ -348,6 +348,8 @@ def test_restarting_the_ventilator_and_the_sink_mid_run_loses_nothing(
     (ventilator,) = stack.containers("ventilator")
     (sink,) = stack.containers("sink")
     run(["docker", "restart", "--time", "20", ventilator, sink], timeout=120)
+    during = stack.http.get(f"/api/jobs/{doc['id']}").json()
+    assert during["state"] not in FINAL, "the job ended before the restart: a longer job, please"
     final = stack.wait_job(doc["id"])
     c = counters(stack, final, sizes)
     assert exactly_once(c), dict(c)
