@@ -32,6 +32,7 @@ from tests.compose.files import (
     endpoint_port,
     env_of,
     environment,
+    interpolate,
     load_yaml,
     module_exists,
     parse_command,
@@ -203,7 +204,7 @@ def test_multihost_turns_curve_on_everywhere(services: dict[str, Any],
                                                     **environment(svc)}}
         settings = container_settings(image_env, merged)
         assert settings.curve_enabled and settings.curve_authorized_dir, role
-        mounts = [str(v).split(":") for v in svc.get("volumes", [])]
+        mounts = [interpolate(str(v)).split(":") for v in svc.get("volumes", [])]
         key_dir = settings.curve_server_public_file.rsplit("/", 1)[0]
         assert [key_dir, "ro"] in [m[1:] for m in mounts], f"{role} does not mount the keys"
 

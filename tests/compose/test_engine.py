@@ -1,35 +1,28 @@
 """The compose stack on a real Docker engine: build, health, jobs, scaling, kills, restarts.
 
-One stack for the module, under its own compose project (``imgpipe-t<pid>``) with the
+One stack for the module, under its own compose project (``imgpipe-t<pid>-<random>``) with the
 gateway and dashboard published on free loopback ports, built the way a user builds it
 (``make image``: base pulled or made by compose/base-image.sh, wheels from the host).
 The tests run in file order against it; the last one is ``make compose-down``. The
-fixture always ends with ``down -v --remove-orphans``.
-
-Without an engine (``docker info`` fails) the tests skip and say so; under CI=true they
-fail instead, so a CI machine that lost its Docker install step cannot pass quietly
-(.ci/run installs and starts one when it runs as root).
+fixture always ends with ``down -v --remove-orphans``. Without an engine they skip, or
+fail under CI=true (tests/compose/engine.py).
 """
 
 from __future__ import annotations
 
-import io
-import os
-import shutil
-import socket
-import subprocess
-import uuid
-from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
-from tests.compose.files import COMPOSE_FILE, ROOT
+from tests.compose.engine import (
+    FINAL,
+    ComposeStack,
+    counters,
+    exactly_once,
+    jpeg,
+    require_engine,
+    run,
+)
 from tests.support import wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
@@ -43,188 +36,6 @@ services:
       IMGPIPE_TEST_HOOKS: "1"
       IMGPIPE_WORKER_DELAY_MS: "400"
 """
-FINAL = ("done", "failed", "partial")
-
-
-def engine_answers() -> str | None:
-    """None when `docker info` works, else why not."""
-    docker = shutil.which("docker")
-    if docker is None:
-        return "no docker client on PATH"
-    try:
-        proc = subprocess.run([docker, "info"], capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        return "`docker info` did not answer within 30 s"
-    if proc.returncode != 0:
-        return f"`docker info` failed: {proc.stderr.strip()[-300:]}"
-    return None
-
-
-def compose_cli() -> list[str]:
-    """The same choice as the Makefile: v2 plugin, else v1."""
-    v2 = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
-    if v2.returncode == 0:
-        return ["docker", "compose"]
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    pytest.fail("neither `docker compose` (v2) nor `docker-compose` (v1) is installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-class ComposeStack:
-    def __init__(self, project: str, override: Path) -> None:
-        self.project = project
-        self.cli = compose_cli()
-        self.files = ["-f", str(COMPOSE_FILE), "-f", str(override)]
-        self.port = free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
-        self.env.update(PUBLISH_HOST="127.0.0.1", PUBLISH_HTTP_PORT=str(self.port),
-                        PUBLISH_DASHBOARD_PORT=str(free_port()))
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.http = httpx.Client(base_url=self.url, timeout=30)
-
-    def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return run([*self.cli, *self.files, "-p", self.project, *args], env=self.env,
-                   timeout=timeout)
-
-    def make(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        # -o: the venv these tests run in is installed; make must not reinstall it.
-        return run(["make", "--no-print-directory", "-o", ".venv/.installed", *args,
-                    f"PROJECT={self.project}"], env=self.env, timeout=timeout)
-
-    def containers(self, service: str | None = None, *, all_states: bool = False) -> list[str]:
-        args = ["docker", "ps", "-q", "--no-trunc",
-                "--filter", f"label=com.docker.compose.project={self.project}"]
-        if service:
-            args += ["--filter", f"label=com.docker.compose.service={service}"]
-        if all_states:
-            args.append("-a")
-        return run(args).stdout.split()
-
-    def inspect(self, cid: str, fmt: str) -> str:
-        return run(["docker", "inspect", "-f", fmt, cid]).stdout.strip()
-
-    def logs(self) -> str:
-        proc = run([*self.cli, *self.files, "-p", self.project, "logs", "--no-color",
-                    "--tail", "40"], env=self.env, check=False)
-        return proc.stdout[-8000:]
-
-    def live_workers(self) -> list[dict[str, Any]]:
-        resp = self.http.get("/api/workers")
-        resp.raise_for_status()
-        return [w for w in resp.json()["workers"] if w["state"] != "lost"]
-
-    def wait_workers(self, n: int, timeout: float = 60) -> list[dict[str, Any]]:
-        def exactly_n() -> list[dict[str, Any]] | None:
-            ws = self.live_workers()
-            return ws if len(ws) == n else None
-
-        return wait_for(exactly_n, timeout, interval=0.5, what=f"{n} live workers in /api/workers")
-
-    def wait_healthy(self, timeout: float = 180) -> None:
-        def every_container_healthy() -> bool:
-            ids = self.containers()
-            states = {self.inspect(c, "{{.Name}}"): self.inspect(
-                c, "{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}")
-                for c in ids}
-            self.last_states = states
-            return bool(states) and all(s == "healthy" for s in states.values())
-
-        try:
-            wait_for(every_container_healthy, timeout, interval=1.0,
-                     what="every container healthy")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.last_states}\n{self.logs()}") from None
-
-    def submit(self, images: list[bytes], chains: list[str] | None = None,
-               wait: float = 0) -> dict[str, Any]:
-        files = [("image", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
-        params: dict[str, Any] = {"cache": "0"}
-        if wait:
-            params["wait"] = str(wait)
-        resp = self.http.post("/api/process/", files=files,
-                              data={"ops": chains} if chains else None, params=params,
-                              timeout=wait + 30)
-        assert resp.status_code in (200, 202), resp.text
-        doc: dict[str, Any] = resp.json()
-        return doc
-
-    def wait_job(self, job_id: str, timeout: float = 240) -> dict[str, Any]:
-        def final() -> dict[str, Any] | None:
-            doc: dict[str, Any] = self.http.get(f"/api/jobs/{job_id}").json()
-            return doc if doc["state"] in FINAL else None
-
-        try:
-            return wait_for(final, timeout, interval=0.5, what=f"job {job_id} final")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.logs()}") from None
-
-    def output_files(self, job_id: str) -> int:
-        (gateway,) = self.containers("gateway")
-        out = run(["docker", "exec", gateway, "sh", "-c",
-                   f"ls /data/outputs/{job_id} | wc -l"]).stdout
-        return int(out.strip())
-
-
-def counters(stack: ComposeStack, doc: dict[str, Any],
-             sizes: dict[int, tuple[int, int]] | None = None) -> Counter[str]:
-    """bench/chaos.py's counters for one job: every output done exactly once, fetched,
-    decoded (and of the wanted size), and one file per output on the data volume."""
-    c: Counter[str] = Counter()
-    total = int(doc["progress"]["total"])
-    c["expected"] = total
-    seen = Counter(o["n"] for o in doc["outputs"])
-    c["duplicated"] += sum(k - 1 for k in seen.values() if k > 1)
-    c["duplicated"] += max(0, doc["progress"]["done"] + doc["progress"]["failed"] - total)
-    done = {o["n"]: o for o in doc["outputs"] if o["state"] == "done"}
-    c["lost"] = total - len([n for n in range(total) if n in done])
-    c["failed"] = sum(1 for o in doc["outputs"] if o["state"] == "failed")
-    for n, o in done.items():
-        resp = stack.http.get(o["url"])
-        if resp.status_code != 200:
-            c["unfetchable"] += 1
-            continue
-        with Image.open(io.BytesIO(resp.content)) as img:
-            img.load()
-            if sizes and img.size != sizes[n]:
-                c["wrong_size"] += 1
-        c["done"] += 1
-    c["files"] = stack.output_files(doc["id"])
-    return c
-
-
-def exactly_once(c: Counter[str]) -> bool:
-    return (c["done"] == c["expected"] == c["files"]
-            and not (c["lost"] or c["duplicated"] or c["failed"] or c["wrong_size"]
-                     or c["unfetchable"]))
-
-
-def jpeg(width: int, height: int, seed: int, quality: int = 90) -> bytes:
-    """A photo-like JPEG: smooth gradients plus grain (compresses like a photo)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([x / width * 255, y / height * 255,
-                     (np.sin(x / 37.0) * np.cos(y / 53.0) + 1) * 127], axis=-1)
-    grain = rng.normal(0, 12, (height, width, 1)).astype(np.float32)
-    img = np.clip(base + grain, 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(img).save(out, "JPEG", quality=quality)
-    return out.getvalue()
 
 
 def sixty_outputs(seed: int) -> tuple[list[bytes], list[str], dict[int, tuple[int, int]]]:
@@ -239,24 +50,16 @@ def sixty_outputs(seed: int) -> tuple[list[bytes], list[str], dict[int, tuple[in
 # --- the stack ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
-    why = engine_answers()
-    if why is not None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but no Docker engine: {why} (.ci/run installs one as root)")
-        pytest.skip(f"no Docker engine: {why}")
-    if shutil.which("make") is None:
-        pytest.skip("make is not installed")
+    require_engine()
     override = tmp_path_factory.mktemp("compose") / "test-override.yml"
     override.write_text(TEST_OVERRIDE)
-    s = ComposeStack(f"imgpipe-t{os.getpid()}-{uuid.uuid4().hex[:6]}", override)
+    s = ComposeStack("t", [override])
     try:
         s.make("image", timeout=900)
         s.compose("up", "-d", "--scale", "worker=3")
         yield s
     finally:
-        s.http.close()
-        run([*s.cli, *s.files, "-p", s.project, "down", "-v", "--remove-orphans",
-             "--timeout", "10"], env=s.env, timeout=180, check=False)
+        s.down()
 
 
 # --- the tests, in order --------------------------------------------------------------------------
