@@ -76,7 +76,8 @@ wheelhouse: $(WHEELS)/deps/.complete
 	SOURCE_DATE_EPOCH=315532800 $(BIN)/pip wheel --quiet --no-deps --no-build-isolation \
 	  --wheel-dir $(WHEELS)/app .
 
-# The base: PYTHON_IMAGE if present or pullable, else imgpipe-base:bookworm (made once).
+# The base (compose/base-image.sh): PYTHON_IMAGE if present, else imgpipe-base:bookworm if
+# made before, else PYTHON_IMAGE pulled, else imgpipe-base:bookworm built from Debian.
 # The wheels are for this venv's Python: the base must run the same minor version.
 PYMINOR := import sys; print("%d.%d" % sys.version_info[:2])
 image: wheelhouse

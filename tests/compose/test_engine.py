@@ -102,8 +102,9 @@ def test_the_data_volume_is_writable_by_uid_10001(stack: ComposeStack) -> None:
 
 def crash(cid: str) -> None:
     """SIGKILL every process of the container but its init, which then exits: a crash
-    (as an OOM kill), so the restart policy applies. `docker kill` is not that: since
-    Engine 20.10 it counts as stopped by the user, and unless-stopped leaves it down."""
+    (as an OOM kill), so the restart policy applies. `docker kill` is not that: Engine
+    20.10, where these tests were written, counts it as a stop by the user, and
+    unless-stopped leaves the container down."""
     run(["docker", "exec", "-u", "0", cid, "sh", "-c", "kill -KILL -1"], check=False)
 
 
