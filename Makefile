@@ -17,7 +17,10 @@ COMPOSE_CLI = $(eval COMPOSE_CLI := $(shell \
   if docker compose version >/dev/null 2>&1; then echo docker compose; \
   elif command -v docker-compose >/dev/null 2>&1; then echo docker-compose; \
   else echo docker compose; fi))$(COMPOSE_CLI)
-COMPOSE = $(COMPOSE_CLI) -f compose/docker-compose.yml -p $(PROJECT)
+# EXTRA_COMPOSE_FILES: more files on top, e.g. compose/multihost.yml (every target takes them).
+EXTRA_COMPOSE_FILES ?=
+COMPOSE = $(COMPOSE_CLI) -f compose/docker-compose.yml $(foreach f,$(EXTRA_COMPOSE_FILES),-f $(f)) \
+	-p $(PROJECT)
 
 .PHONY: install system-deps test test-fast run bench lint scale compose-up compose-down \
 	wheelhouse image clean

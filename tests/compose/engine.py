@@ -96,9 +96,12 @@ class ComposeStack:
                    timeout=timeout)
 
     def make(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """``make ARGS`` on this project and its extra compose files."""
+        extra = " ".join(self.files[3::2])
         # -o: the venv these tests run in is installed; make must not reinstall it.
         return run(["make", "--no-print-directory", "-o", ".venv/.installed", *args,
-                    f"PROJECT={self.project}"], env=self.env, timeout=timeout)
+                    f"PROJECT={self.project}", f"EXTRA_COMPOSE_FILES={extra}"],
+                   env=self.env, timeout=timeout)
 
     def containers(self, service: str | None = None, *, all_states: bool = False) -> list[str]:
         args = ["docker", "ps", "-q", "--no-trunc",

@@ -1,12 +1,12 @@
 """The compose stack on a real Docker engine: build, health, jobs, scaling, kills, restarts.
 
-One stack for the module, under its own compose project (``imgpipe-t<pid>-<random>``) with the
-gateway and dashboard published on free loopback ports, built the way a user builds it
-(``make image``: base pulled or made by compose/base-image.sh, wheels from the host).
+One stack for the module, under its own compose project (``imgpipe-t<pid>-<random>``),
+with the gateway and dashboard published on free loopback ports, built and started the
+way a user does it (``make compose-up N=3``: base pulled or made by compose/base-image.sh,
+wheels from the host), with a test-only override file on top (``EXTRA_COMPOSE_FILES``).
 The tests run in file order against it; the last one is ``make compose-down``. The
 fixture always ends with ``down -v --remove-orphans``. Without an engine they skip, or
-fail under CI=true (tests/compose/engine.py).
-"""
+fail under CI=true (tests/compose/engine.py)."""
 
 from __future__ import annotations
 
@@ -55,8 +55,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
     override.write_text(TEST_OVERRIDE)
     s = ComposeStack("t", [override])
     try:
-        s.make("image", timeout=900)
-        s.compose("up", "-d", "--scale", "worker=3")
+        s.make("compose-up", "N=3", timeout=900)
         yield s
     finally:
         s.down()

@@ -82,8 +82,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                        "{{(index .IPAM.Config 0).Gateway}}", network]).stdout.strip()
         assert address, f"network {network} has no gateway address"
         stack.env["PUBLISH_ZMQ_HOST"] = address
-        stack.make("image", timeout=900)
-        stack.compose("up", "-d", "--scale", "worker=0")
+        stack.make("compose-up", "N=0", timeout=900)
         for name in ("worker-b", "intruder"):
             remotes[name] = start_remote_worker(address, network, name, keys / name,
                                                 stack.project)

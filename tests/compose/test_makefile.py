@@ -14,7 +14,14 @@ import subprocess
 
 import pytest
 
-from tests.compose.files import COMPOSE_FILE, ROOT, load_yaml, module_exists, parse_command
+from tests.compose.files import (
+    COMPOSE_FILE,
+    MULTIHOST_FILE,
+    ROOT,
+    load_yaml,
+    module_exists,
+    parse_command,
+)
 
 SERVICES = load_yaml(COMPOSE_FILE)["services"]
 
@@ -95,6 +102,13 @@ def test_the_project_is_a_make_variable() -> None:
     for target in ("compose-up", "scale", "compose-down"):
         for call in compose_commands(dry_run(target, "PROJECT=imgpipe-t1")):
             assert check_compose_call(call)["-p"] == "imgpipe-t1", call
+
+
+def test_extra_compose_files_go_on_top() -> None:
+    for target in ("compose-up", "scale", "compose-down"):
+        for call in compose_commands(dry_run(target, "EXTRA_COMPOSE_FILES=compose/multihost.yml")):
+            files = [call[i + 1] for i, w in enumerate(call) if w == "-f"]
+            assert [(ROOT / f).resolve() for f in files] == [COMPOSE_FILE, MULTIHOST_FILE], call
 
 
 def test_compose_cli_is_v2_or_v1() -> None:
