@@ -37,8 +37,14 @@ fi
 if ! docker info >/dev/null 2>&1; then
   echo "starting dockerd in the background (log: $LOG)"
   nohup dockerd >"$LOG" 2>&1 &
+  pid=$!
   deadline=$(( $(date +%s) + DEADLINE_S ))
   until docker info >/dev/null 2>&1; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "error: dockerd exited before answering \`docker info\`:" >&2
+      tail -n 30 "$LOG" >&2 || true
+      exit 1
+    fi
     if [ "$(date +%s)" -ge "$deadline" ]; then
       echo "error: dockerd did not answer \`docker info\` within ${DEADLINE_S} s:" >&2
       tail -n 30 "$LOG" >&2 || true
