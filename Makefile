@@ -5,10 +5,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 N ?= 3
-COMPOSE := docker compose -f compose/docker-compose.yml -p imgpipe
 PYTEST_ARGS ?=
+# Docker: the compose project (tests pass their own), the base image wanted when a
+# registry answers (compose/base-image.sh builds an equivalent from Debian packages when
+# none does), and where the host-built wheels go (the image build needs no network).
+PROJECT ?= imgpipe
+PYTHON_IMAGE ?= python:3.11-slim
+WHEELS := compose/wheelhouse
+# Compose v2 (`docker compose`) or v1 (`docker-compose`), looked up once when first used.
+COMPOSE_CLI = $(eval COMPOSE_CLI := $(shell \
+  if docker compose version >/dev/null 2>&1; then echo docker compose; \
+  elif command -v docker-compose >/dev/null 2>&1; then echo docker-compose; \
+  else echo docker compose; fi))$(COMPOSE_CLI)
+# EXTRA_COMPOSE_FILES: more files on top, e.g. compose/multihost.yml (every target takes them).
+EXTRA_COMPOSE_FILES ?=
+COMPOSE = $(COMPOSE_CLI) -f compose/docker-compose.yml $(foreach f,$(EXTRA_COMPOSE_FILES),-f $(f)) \
+	-p $(PROJECT)
 
-.PHONY: install system-deps test test-fast run bench lint scale compose-up compose-down clean
+.PHONY: install system-deps test test-fast run bench lint scale compose-up compose-down \
+	wheelhouse image clean
 
 install: $(STAMP)
 
@@ -27,9 +42,9 @@ system-deps:
 test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Unit tests only: no browser, no process stacks.
+# Unit tests only: no browser, no process stacks, no Docker engine.
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not browser and not docker" $(PYTEST_ARGS)
 
 run: install
 	$(BIN)/imgpipe up --workers $(N)
@@ -41,7 +56,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# Under Docker Compose when a compose stack runs, else the local stack.
+# Under Docker Compose when that compose project has containers, else the local stack.
 scale:
 	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 \
 	    && [ -n "$$($(COMPOSE) ps -q 2>/dev/null)" ]; then \
@@ -50,11 +65,37 @@ scale:
 	  make --no-print-directory install && $(BIN)/imgpipe scale $(N); \
 	fi
 
-compose-up:
-	$(COMPOSE) up -d --build --scale worker=$(N)
+# Every runtime dependency as a wheel (again only when pyproject.toml changes), then the
+# project's own wheel from this checkout, for the Python of the base image (3.11), with
+# fixed zip timestamps: the same source gives the same wheel, so its image layer is reused.
+$(WHEELS)/deps/.complete: pyproject.toml | $(STAMP)
+	rm -rf $(WHEELS)/deps
+	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELS)/deps .
+	rm -f $(WHEELS)/deps/imgpipe-*.whl
+	touch $@
+
+wheelhouse: $(WHEELS)/deps/.complete
+	rm -rf $(WHEELS)/app
+	SOURCE_DATE_EPOCH=315532800 $(BIN)/pip wheel --quiet --no-deps --no-build-isolation \
+	  --wheel-dir $(WHEELS)/app .
+
+# The base (compose/base-image.sh): PYTHON_IMAGE if present, else imgpipe-base:bookworm if
+# made before, else PYTHON_IMAGE pulled, else imgpipe-base:bookworm built from Debian.
+# The wheels are for this venv's Python: the base must run the same minor version.
+PYMINOR := import sys; print("%d.%d" % sys.version_info[:2])
+image: wheelhouse
+	base=$$(bash compose/base-image.sh $(PYTHON_IMAGE)) \
+	  && have=$$($(BIN)/python -c '$(PYMINOR)') \
+	  && want=$$(docker run --rm --entrypoint python3 $$base -c '$(PYMINOR)') \
+	  && { [ "$$have" = "$$want" ] || { echo "error: the wheelhouse is for Python $$have," \
+	       "the base $$base runs $$want: make the venv with PY=python$$want" >&2; exit 1; }; } \
+	  && PYTHON_IMAGE=$$base $(COMPOSE) build
+
+compose-up: image
+	$(COMPOSE) up -d --scale worker=$(N)
 
 compose-down:
-	$(COMPOSE) down
+	$(COMPOSE) down --remove-orphans
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(WHEELS) .pytest_cache .mypy_cache .ruff_cache *.egg-info

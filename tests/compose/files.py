@@ -54,17 +54,53 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     return {str(k): "" if v is None else str(v) for k, v in env.items()}
 
 
-def published(service: dict[str, Any]) -> list[tuple[int, int]]:
-    """(published, target) for each port of a service, short or long syntax."""
+def interpolate(value: str, environ: dict[str, str] | None = None) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR-default}`` substitution."""
+    env = environ or {}
+
+    def one(m: re.Match[str]) -> str:
+        name, op, default = m.group(1), m.group(2), m.group(3) or ""
+        if op == ":-":
+            return env.get(name) or default
+        if op == "-":
+            return env.get(name, default)
+        assert name in env, f"${{{name}}} has no default"
+        return env[name]
+
+    return re.sub(r"\$\{(\w+)(?:(:?-)([^}]*))?\}", one, value)
+
+
+def size_bytes(value: str | int) -> int:
+    """A Compose byte size (``1g``, ``512m``, ``64000000``) in bytes."""
+    m = re.fullmatch(r"(\d+)([bkmg]?)b?", str(value).lower())
+    assert m, f"bad size {value!r}"
+    return int(m.group(1)) * 1024 ** "bkmg".index(m.group(2) or "b")
+
+
+def published(service: dict[str, Any],
+              environ: dict[str, str] | None = None) -> list[tuple[int, int]]:
+    """(published, target) for each port of a service, short or long syntax, with the
+    file's ``${VAR:-default}`` resolved against ``environ`` (empty: the defaults)."""
     out = []
     for port in service.get("ports") or []:
         if isinstance(port, dict):
-            out.append((int(port["published"]), int(port["target"])))
+            out.append((int(interpolate(str(port["published"]), environ)),
+                        int(port["target"])))
             continue
-        spec = str(port).split("/")[0]
+        spec = interpolate(str(port), environ).split("/")[0]
         parts = spec.split(":")
-        assert len(parts) in (2, 3), f"publish {port!r} as HOST:CONTAINER"
+        assert len(parts) in (2, 3), f"publish {port!r} as [ADDR:]HOST:CONTAINER"
         out.append((int(parts[-2]), int(parts[-1])))
+    return out
+
+
+def publish_addresses(service: dict[str, Any],
+                      environ: dict[str, str] | None = None) -> list[str]:
+    """The host address each short-syntax port binds ("" for every interface)."""
+    out = []
+    for port in service.get("ports") or []:
+        parts = interpolate(str(port), environ).split("/")[0].split(":")
+        out.append(parts[0] if len(parts) == 3 else "")
     return out
 
 

@@ -32,12 +32,15 @@ from tests.compose.files import (
     endpoint_port,
     env_of,
     environment,
+    interpolate,
     load_yaml,
     module_exists,
     parse_command,
     parse_dockerfile,
+    publish_addresses,
     published,
     seconds,
+    size_bytes,
 )
 
 DEFAULTS = Settings()
@@ -167,6 +170,18 @@ def test_only_the_http_ports_are_published(services: dict[str, Any],
         assert not published(services[role]), f"{role} publishes an internal port"
 
 
+def test_published_ports_and_address_are_variables_with_the_defaults(
+        services: dict[str, Any]) -> None:
+    """Users get 8000/8501 on every interface; tests move them to loopback ports."""
+    env = {"PUBLISH_HOST": "127.0.0.1", "PUBLISH_HTTP_PORT": "18000",
+           "PUBLISH_DASHBOARD_PORT": "18501"}
+    assert published(services["gateway"], env) == [(18000, DEFAULTS.gateway_port)]
+    assert published(services["dashboard"], env) == [(18501, DEFAULTS.dashboard_port)]
+    for role in ("gateway", "dashboard"):
+        assert publish_addresses(services[role]) == ["0.0.0.0"]
+        assert publish_addresses(services[role], env) == ["127.0.0.1"]
+
+
 def test_multihost_publishes_exactly_what_a_remote_worker_connects_to(
         services: dict[str, Any], image_env: dict[str, str]) -> None:
     """A worker connects to its task endpoints, the result endpoint and the buses."""
@@ -189,7 +204,7 @@ def test_multihost_turns_curve_on_everywhere(services: dict[str, Any],
                                                     **environment(svc)}}
         settings = container_settings(image_env, merged)
         assert settings.curve_enabled and settings.curve_authorized_dir, role
-        mounts = [str(v).split(":") for v in svc.get("volumes", [])]
+        mounts = [interpolate(str(v)).split(":") for v in svc.get("volumes", [])]
         key_dir = settings.curve_server_public_file.rsplit("/", 1)[0]
         assert [key_dir, "ro"] in [m[1:] for m in mounts], f"{role} does not mount the keys"
 
@@ -282,6 +297,21 @@ def test_one_service_builds_the_image(services: dict[str, Any]) -> None:
     assert list(builders) == ["gateway"]
     build = builders["gateway"]
     assert (COMPOSE_DIR / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+
+
+def test_the_build_base_defaults_to_the_dockerfiles(services: dict[str, Any]) -> None:
+    """`make image` passes PYTHON_IMAGE (pulled, or built by compose/base-image.sh)."""
+    args, _ = parse_dockerfile(DOCKERFILE.read_text())
+    build_arg = services["gateway"]["build"]["args"]["PYTHON_IMAGE"]
+    assert build_arg == "${PYTHON_IMAGE:-" + args["PYTHON_IMAGE"] + "}"
+
+
+def test_worker_shm_holds_its_frames(services: dict[str, Any],
+                                     image_env: dict[str, str]) -> None:
+    """Each slot holds an input and an output frame of up to max_pixels x 4 channels."""
+    settings = container_settings(image_env, services["worker"])
+    frames = settings.worker_slots * 2 * settings.max_pixels * 4
+    assert size_bytes(services["worker"]["shm_size"]) >= frames
 
 
 def test_stable_nodes_share_the_data_node_under_swarm(services: dict[str, Any]) -> None:

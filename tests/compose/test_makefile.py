@@ -14,7 +14,14 @@ import subprocess
 
 import pytest
 
-from tests.compose.files import COMPOSE_FILE, ROOT, load_yaml, module_exists, parse_command
+from tests.compose.files import (
+    COMPOSE_FILE,
+    MULTIHOST_FILE,
+    ROOT,
+    load_yaml,
+    module_exists,
+    parse_command,
+)
 
 SERVICES = load_yaml(COMPOSE_FILE)["services"]
 
@@ -31,9 +38,11 @@ def dry_run(*args: str) -> str:
 
 
 def compose_commands(text: str) -> list[list[str]]:
-    """Every `docker compose ...` command in the dry run, split into words."""
-    found = re.findall(r"docker compose [^;\n\\)\"]*", text)
-    return [[w for w in shlex.split(cmd) if not re.match(r"\d?>", w)] for cmd in found]
+    """Every `docker compose ...` (v2) or `docker-compose ...` (v1) command in the dry run,
+    split into words, the v1 name spelled as v2's."""
+    found = re.findall(r"docker[ -]compose [^;\n\\)\"]*", text)
+    return [[w for w in shlex.split(cmd.replace("docker-compose", "docker compose", 1))
+             if not re.match(r"\d?>", w)] for cmd in found]
 
 
 def check_compose_call(words: list[str]) -> dict[str, str]:
@@ -74,17 +83,42 @@ def test_scale_uses_compose_when_a_stack_runs_else_the_local_stack() -> None:
 
 def test_compose_up_builds_and_scales_the_workers() -> None:
     out = dry_run("compose-up", "N=4")
-    (up,) = [w for w in compose_commands(out) if "up" in w]
+    calls = compose_commands(out)
+    (build,) = [w for w in calls if "build" in w]
+    (up,) = [w for w in calls if "up" in w]
     opts = check_compose_call(up)
-    assert "--build" in up and "-d" in up
+    assert check_compose_call(build) == opts
+    assert "PYTHON_IMAGE=$base" in out and "compose/base-image.sh" in out, \
+        "the build's base comes from compose/base-image.sh (pulled or built locally)"
+    assert "pip wheel" in out and "compose/wheelhouse" in out
+    assert "-d" in up
     assert scale_of(up) == {"worker": 4}
     scale_opts = check_compose_call([w for w in compose_commands(dry_run("scale", "N=2"))
                                      if "up" in w][0])
     assert opts == scale_opts, "compose-up and scale must name the same file and project"
 
 
+def test_the_project_is_a_make_variable() -> None:
+    for target in ("compose-up", "scale", "compose-down"):
+        for call in compose_commands(dry_run(target, "PROJECT=imgpipe-t1")):
+            assert check_compose_call(call)["-p"] == "imgpipe-t1", call
+
+
+def test_extra_compose_files_go_on_top() -> None:
+    for target in ("compose-up", "scale", "compose-down"):
+        for call in compose_commands(dry_run(target, "EXTRA_COMPOSE_FILES=compose/multihost.yml")):
+            files = [call[i + 1] for i, w in enumerate(call) if w == "-f"]
+            assert [(ROOT / f).resolve() for f in files] == [COMPOSE_FILE, MULTIHOST_FILE], call
+
+
+def test_compose_cli_is_v2_or_v1() -> None:
+    """`docker compose` where the plugin answers, else `docker-compose`, else v2's name."""
+    text = (ROOT / "Makefile").read_text()
+    assert "docker compose version" in text and "command -v docker-compose" in text
+
+
 def test_compose_down_names_the_same_project() -> None:
     (down,) = compose_commands(dry_run("compose-down"))
-    assert "down" in down
+    assert "down" in down and "--remove-orphans" in down
     up = [w for w in compose_commands(dry_run("compose-up")) if "up" in w][0]
     assert check_compose_call(down) == check_compose_call(up)
