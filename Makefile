@@ -19,11 +19,13 @@ COMPOSE_CLI = $(eval COMPOSE_CLI := $(shell \
   else echo docker compose; fi))$(COMPOSE_CLI)
 # EXTRA_COMPOSE_FILES: more files on top, e.g. compose/multihost.yml (every target takes them).
 EXTRA_COMPOSE_FILES ?=
-COMPOSE = $(COMPOSE_CLI) -f compose/docker-compose.yml $(foreach f,$(EXTRA_COMPOSE_FILES),-f $(f)) \
+# The CURVE keys every service mounts (see `keys`); every compose call is told where.
+CURVE_KEYS_DIR ?= compose/keys
+COMPOSE = CURVE_KEYS_DIR="$(abspath $(CURVE_KEYS_DIR))" $(COMPOSE_CLI) -f compose/docker-compose.yml $(foreach f,$(EXTRA_COMPOSE_FILES),-f $(f)) \
 	-p $(PROJECT)
 
 .PHONY: install system-deps test test-fast run bench lint scale compose-up compose-down \
-	wheelhouse image clean
+	wheelhouse image keys clean
 
 install: $(STAMP)
 
@@ -91,7 +93,17 @@ image: wheelhouse
 	       "the base $$base runs $$want: make the venv with PY=python$$want" >&2; exit 1; }; } \
 	  && PYTHON_IMAGE=$$base $(COMPOSE) build
 
-compose-up: image
+# CURVE keys for the sealed plane, made once by the image itself as its user (uid 10001),
+# so the containers can read them and no other user on the host can read the secrets.
+keys: image
+	@if [ ! -f $(CURVE_KEYS_DIR)/server.key ]; then \
+	  install -d -m 0777 $(CURVE_KEYS_DIR) \
+	  && docker run --rm --user 10001:10001 -v "$(abspath $(CURVE_KEYS_DIR))":/keys \
+	       imgpipe:latest keys --out /keys \
+	  && chmod 0755 $(CURVE_KEYS_DIR); \
+	fi
+
+compose-up: keys
 	$(COMPOSE) up -d --scale worker=$(N)
 
 compose-down:

@@ -19,6 +19,7 @@ operator says ``IMGPIPE_INSECURE=1``.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -60,16 +61,18 @@ def resolve(settings: Settings) -> CurveKeys | None:
         authorized=_existing(folder / AUTHORIZED))
 
 
-def write(data_dir: Path, *, force: bool = False) -> Path:
-    """Make the server and client pairs and the authorised folder under ``data_dir``."""
+def write(data_dir: Path, *, force: bool = False, folder: Path | None = None) -> Path:
+    """Make the server and client pairs and the authorised folder in ``folder`` (default
+    ``data_dir/keys``)."""
     import zmq.auth
 
-    folder = data_dir / KEYS_DIR
+    folder = folder or data_dir / KEYS_DIR
     if (folder / "server.key").exists() and not force:
         raise ConfigError(f"{folder} already holds keys; pass --force to replace them "
                           f"(every peer then needs the new server.key)", field="data_dir")
     if force:
-        shutil.rmtree(folder, ignore_errors=True)
+        for path in [*folder.glob("*.key*"), folder / AUTHORIZED]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     old = os.umask(0o077)
     try:
         (folder / AUTHORIZED).mkdir(parents=True, exist_ok=True)
@@ -79,7 +82,8 @@ def write(data_dir: Path, *, force: bool = False) -> Path:
     finally:
         os.umask(old)
     for path in [folder, folder / AUTHORIZED]:
-        path.chmod(0o700)
+        with contextlib.suppress(PermissionError):  # a folder someone else made for us
+            path.chmod(0o700)
     for path in [*folder.glob("*.key*"), *(folder / AUTHORIZED).iterdir()]:
         path.chmod(0o600)
     return folder

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from imgpipe.core import keys
 from imgpipe.core.config import Settings, add_settings_args, settings_from_args
@@ -44,10 +45,13 @@ def main_keys(argv: Sequence[str]) -> int:
         "that data dir seals its ZeroMQ sockets.")
     add_settings_args(parser, "data_dir")
     parser.add_argument("--force", action="store_true", help="replace existing keys")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the key files into this folder instead of DATA/keys "
+                        "(compose mounts one at /keys)")
     ns = parser.parse_args(argv)
     settings = settings_from_args(ns)
     try:
-        folder = keys.write(settings.data_dir, force=ns.force)
+        folder = keys.write(settings.data_dir, force=ns.force, folder=ns.out)
     except ConfigError as exc:
         print(f"imgpipe keys: {exc}", file=sys.stderr)
         return 1
