@@ -80,6 +80,13 @@ def live_metrics(snap: Snapshot) -> dict[str, Any]:
     return out
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
 def storage_summary(snap: Snapshot) -> str | None:
     """One line on the data dir from the gateway's totals: bytes held, jobs expired and
     evicted, the result cache's hit ratio; None before the gateway has answered."""
@@ -89,7 +96,7 @@ def storage_summary(snap: Snapshot) -> str | None:
     hits, misses = totals.get("cache_hits", 0), totals.get("cache_misses", 0)
     ratio = f"{hits / (hits + misses):.0%} ({hits} of {hits + misses})" if hits + misses \
         else "no lookups yet"
-    return (f"Data dir {totals['bytes'] / 1e6:.1f} MB · {totals.get('jobs_expired', 0)} "
+    return (f"Data dir {_size(totals['bytes'])} · {totals.get('jobs_expired', 0)} "
             f"job(s) expired · {totals.get('jobs_evicted', 0)} evicted · "
             f"result cache {ratio}")
 

@@ -161,4 +161,6 @@ def test_dashboard_shows_the_running_workers(stack: Settings) -> None:
             box = img.convert("L").crop((c["x"], c["y"], c["x"] + c["w"], c["y"] + c["h"]))
             hist = box.histogram()
             inked = sum(hist[:200]) / (box.width * box.height)
-            assert inked > 0.02, (c["title"], inked)
+            # Not a blank box: axes, legend and marks are there. A chart whose data is
+            # flat (the queue of an idle stack) inks about 2 %; a white box inks 0.
+            assert inked > 0.01, (c["title"], inked)
