@@ -49,6 +49,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--probe", type=int, default=10,
                    help="one-image end-to-end latency requests (0: no probe)")
     p.add_argument("--url", help="use this running gateway for the pipeline mode")
+    p.add_argument("--scale-with", default="", metavar="CMD",
+                   help="with --url: a shell command that sets the stack to {n} workers, run "
+                   "before the pipeline mode for each --workers count, e.g. "
+                   "'make scale N={n}' (the scaling curve of a compose stack)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
     p.add_argument("--json", type=Path, help="write the JSON report here")
     p.add_argument("--html", type=Path, help="write the Plotly chart here")
@@ -70,6 +74,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error(f"--modes: unknown {', '.join(bad)}; use {DEFAULT_MODES} or pipeline-wN")
     if ns.url and (err := check_target(ns.url.rstrip("/"), ns.allow_remote)):
         p.error(f"--url: {err}")
+    if ns.scale_with and (not ns.url or "{n}" not in ns.scale_with):
+        p.error("--scale-with needs --url and a command with {n} in it")
     return ns
 
 
@@ -92,6 +98,9 @@ def build_modes(ns: argparse.Namespace, images: list[bytes], spec: str) -> list[
             modes.append(Pooled(images, spec))
         elif name == "limit":
             modes.append(Limit(images, spec))
+        elif name == "pipeline" and ns.url and ns.scale_with:
+            modes += [Pipeline(images, spec, url=ns.url.rstrip("/"), workers=n,
+                               scale_with=ns.scale_with) for n in ns.worker_counts]
         elif name == "pipeline" and ns.url:
             modes.append(Pipeline(images, spec, url=ns.url.rstrip("/")))
         elif name == "pipeline":

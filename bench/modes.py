@@ -15,6 +15,7 @@ import http.client
 import json
 import multiprocessing as mp
 import os
+import subprocess
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing.connection import Connection
@@ -172,14 +173,18 @@ class Pipeline(Mode):
     kind = "pipeline"
 
     def __init__(self, images: list[bytes], spec: str, *, workers: int | None = None,
-                 url: str | None = None, wait_s: float = 120.0, concurrency: int = 16) -> None:
+                 url: str | None = None, wait_s: float = 120.0, concurrency: int = 16,
+                 scale_with: str = "") -> None:
         super().__init__(images, spec)
         self.workers = workers
         self.url = url
         self.stack: LocalStack | None = None
         self.wait_s = wait_s
         self.concurrency = concurrency
-        self.name = f"pipeline-w{workers}" if workers else "pipeline-url"
+        # With --url: a command that sets the stack behind it to ``{n}`` workers.
+        self.scale_with = scale_with
+        self.name = (f"pipeline-w{workers}" if not url else
+                     f"pipeline-url-w{workers}" if scale_with else "pipeline-url")
         self.http = httpx.Client(timeout=wait_s + 30.0, headers=client_headers(),
                                  limits=httpx.Limits(max_connections=concurrency + 4))
         self.pool = ThreadPoolExecutor(concurrency)
@@ -192,6 +197,11 @@ class Pipeline(Mode):
             self.stack = LocalStack(self.workers)  # assigned first: close() stops a failed start
             self.url = self.stack.url
             self.stack.start()
+        elif self.scale_with:
+            assert self.workers is not None
+            subprocess.run(self.scale_with.format(n=self.workers), shell=True, check=True,
+                           stdout=subprocess.DEVNULL, timeout=300)
+            self._await_workers(self.workers, self.url)
         else:
             self.workers = len(api.alive_workers(self.http, self.url))
         self.poster = api.LeanPoster(self.url, self.wait_s + 30.0)
@@ -199,6 +209,14 @@ class Pipeline(Mode):
         warm = [self.pool.submit(self._one, self.images[0]) for _ in range(self.workers or 1)]
         for f in warm:
             f.result()
+
+    def _await_workers(self, n: int, url: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(api.alive_workers(self.http, url)) != n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not get to {n} live workers in {timeout:g} s "
+                                   f"after `{self.scale_with.format(n=n)}`")
+            time.sleep(0.5)  # polling the gateway: scaling announces no event here
 
     def pids(self) -> list[int]:
         """The private stack's supervisor, or the local stack found behind ``--url``."""

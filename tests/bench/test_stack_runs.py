@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,3 +106,25 @@ def test_chaos_kills_workers_and_counts_every_output(tmp_path: Path) -> None:
     assert c["lost"] == c["duplicated"] == c["wrong_size"] == c["undecodable"] == 0
     assert r["requests"]["total"] > 0
     assert code == (0 if r["requests"]["share"] >= 0.99 else 1)
+
+
+@pytest.mark.timeout(300)
+def test_bench_scales_a_running_stack_between_passes(stack_factory: Any,
+                                                     tmp_path: Path) -> None:
+    """--scale-with: one run, the stack behind --url at each worker count in turn."""
+    import shlex
+    import sys
+
+    s = stack_factory(1)
+    scale = (f"{shlex.quote(sys.executable)} -m imgpipe scale {{n}} --data "
+             f"{shlex.quote(str(s.settings.data_dir))}")
+    out = tmp_path / "r.json"
+    code = bench_main(["--images", "2", "--repeat", "1", "--probe", "0", "--modes", "pipeline",
+                       "--url", s.url, "--workers", "1,2", "--scale-with", scale,
+                       "--json", str(out), *SMALL])
+    doc = json.loads(out.read_text())
+    assert code == 0, doc["modes"]
+    assert [(m["mode"], m["workers"]) for m in doc["modes"]] == [
+        ("pipeline-url-w1", 1), ("pipeline-url-w2", 2)]
+    assert all(m["output_sizes"] == [[160, 120]] for m in doc["modes"])
+    assert len(s.workers()) == 2
