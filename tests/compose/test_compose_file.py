@@ -83,7 +83,9 @@ def validator() -> Any:
     return cls(schema)
 
 
-@pytest.mark.parametrize("path", [COMPOSE_FILE, MULTIHOST_FILE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE_FILE, MULTIHOST_FILE,
+                                  COMPOSE_FILE.with_name("small-workers.yml")],
+                         ids=lambda p: p.name)
 def test_validates_against_the_compose_spec_schema(validator: Any, path: Any) -> None:
     errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
               for e in validator.iter_errors(load_yaml(path))]
