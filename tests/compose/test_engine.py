@@ -22,6 +22,7 @@ from tests.compose.engine import (
     jpeg,
     require_engine,
     run,
+    sixty_outputs,
 )
 from tests.support import wait_for
 
@@ -36,15 +37,6 @@ services:
       IMGPIPE_TEST_HOOKS: "1"
       IMGPIPE_WORKER_DELAY_MS: "400"
 """
-
-
-def sixty_outputs(seed: int) -> tuple[list[bytes], list[str], dict[int, tuple[int, int]]]:
-    """4 images x 15 chains; output n = image n // 15, chain n % 15 (image-major)."""
-    images = [jpeg(640, 480, seed + i) for i in range(4)]
-    widths = [96 + 8 * k for k in range(15)]
-    chains = [f"resize:w={w}" for w in widths]
-    sizes = {i * 15 + k: (w, w * 480 // 640) for i in range(4) for k, w in enumerate(widths)}
-    return images, chains, sizes
 
 
 # --- the stack ------------------------------------------------------------------------------------
