@@ -73,13 +73,18 @@ def test_published_only_on_loopback(stack: ComposeStack) -> None:
         assert '"HostIp":"127.0.0.1"' in bindings and '"HostIp":""' not in bindings, bindings
 
 
-def test_a_24_megapixel_photo_through_the_default_outputs(stack: ComposeStack) -> None:
-    photo = jpeg(6000, 4000, seed=24)
+@pytest.mark.parametrize("width, height", [(6000, 4000), (8660, 5773)], ids=["24MP", "50MP"])
+def test_a_camera_photo_through_the_default_outputs(stack: ComposeStack, width: int,
+                                                    height: int) -> None:
+    """An ordinary 24 MP photo, and one at the 50 MP limit: frames that need far more
+    than Docker's default 64 MB /dev/shm."""
+    photo = jpeg(width, height, seed=width)
     doc = stack.submit([photo], wait=110)
     final = doc if doc["state"] in FINAL else stack.wait_job(doc["id"])
     errors = [o["error"] for o in final["outputs"] if o["state"] != "done"]
     assert final["state"] == "done", errors
-    c = counters(stack, final, {0: (1920, 1280), 1: (6000, 4000), 2: (6000, 4000)})
+    small = (1920, round(height * 1920 / width))
+    c = counters(stack, final, {0: small, 1: (width, height), 2: (width, height)})
     assert exactly_once(c), dict(c)
 
 
