@@ -9,6 +9,7 @@ report shows that memory stayed bounded under load.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,6 +17,8 @@ from urllib.parse import urlsplit
 import psutil
 
 from imgpipe.bench.measure import children_of
+
+log = logging.getLogger(__name__)
 
 ROLES = ("up", "gateway", "ventilator", "sink", "worker", "dashboard")
 
@@ -116,7 +119,10 @@ class Periodic:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            self.sample()
+            try:
+                self.sample()
+            except Exception:  # noqa: BLE001 - one failed sample must not end the series
+                log.exception("%s: a sample failed", type(self).__name__)
 
     def __enter__(self) -> Any:
         self.sample()

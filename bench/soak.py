@@ -16,8 +16,10 @@ of the run to the last. The samples go to ``--json``, the curves to ``--png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import os
 import random
 import statistics
 import threading
@@ -65,13 +67,13 @@ def variant(base: bytes, i: int) -> bytes:
 
 
 def dir_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` now; folders removed meanwhile (the sweeper
+    runs beside it) are skipped."""
     total = 0
-    for p in path.rglob("*"):
-        try:
-            if p.is_file():
-                total += p.stat().st_size
-        except OSError:
-            continue
+    for root, _dirs, files in os.walk(path):  # os.walk ignores folders that vanish
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, name)).st_size
     return total
 
 
@@ -97,14 +99,21 @@ class Sampler(procs.Periodic):
             r["rss_mb"] += rss / 1e6
             r["open_files"] += fds
             r["threads"] += threads
-        db = sum(f.stat().st_size for f in self.data.glob("jobs.sqlite3*") if f.is_file())
-        shm = sum(f.stat().st_size for f in self.shm.glob(f"{SHM_PREFIX}*") if f.is_file())
+        db = sum(_size(f) for f in self.data.glob("jobs.sqlite3*"))
+        shm = sum(_size(f) for f in self.shm.glob(f"{SHM_PREFIX}*"))
         row = {"t": round(time.monotonic() - self.t0, 2),
                "roles": {k: {m: round(v, 1) for m, v in r.items()} for k, r in roles.items()},
                "shm_mb": round(shm / 1e6, 2), "data_mb": round(dir_bytes(self.data) / 1e6, 2),
                "db_mb": round(db / 1e6, 2)}
         self.samples.append(row)
         return row
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # gone between the listing and the stat
+        return 0
 
 
 def series(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
