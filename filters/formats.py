@@ -1,7 +1,7 @@
 """Image formats: recognised by their bytes, never by a name or a declared type.
 
 Accepted inputs are JPEG, PNG, WebP, GIF (first frame) and BMP; outputs are JPEG,
-PNG and WebP. Formats people commonly try (TIFF, PDF, SVG, HEIC, AVIF, ICO) get a
+PNG, WebP and AVIF. Formats people commonly try (TIFF, PDF, SVG, HEIC, AVIF, ICO) get a
 message that names them.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from imgpipe.core.errors import ImageError
 
 INPUT_FORMATS = ("jpeg", "png", "webp", "gif", "bmp")
-OUTPUT_FORMATS = ("jpeg", "png", "webp")
+OUTPUT_FORMATS = ("jpeg", "png", "webp", "avif")
 
 _CONTENT_TYPES = {
     "jpeg": "image/jpeg",
@@ -18,8 +18,16 @@ _CONTENT_TYPES = {
     "webp": "image/webp",
     "gif": "image/gif",
     "bmp": "image/bmp",
+    "avif": "image/avif",
 }
-_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp"}
+_EXTENSIONS = {
+    "jpeg": "jpg",
+    "png": "png",
+    "webp": "webp",
+    "gif": "gif",
+    "bmp": "bmp",
+    "avif": "avif",
+}
 
 # Header sizes of the BMP variants (BITMAPCOREHEADER … BITMAPV5HEADER).
 _BMP_DIB_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
