@@ -52,7 +52,7 @@ from PIL import Image as PILImage
 from PIL import ImageFile
 
 from imgpipe.core.errors import ImageError, ImageTooLarge, ImgpipeError
-from imgpipe.filters.formats import OUTPUT_FORMATS, sniff
+from imgpipe.filters.formats import AUTO, OUTPUT_FORMATS, sniff
 from imgpipe.filters.params import Params, param
 from imgpipe.filters.pixels import Image, as_image, check_image
 from imgpipe.filters.registry import register
@@ -360,7 +360,11 @@ def _flatten_on_white(img: Image) -> Image:
 @dataclass(frozen=True)
 class EncodeParams(Params):
     format: str | None = param(
-        None, kind=str, choices=OUTPUT_FORMATS, doc="output format; default: the input's"
+        None,
+        kind=str,
+        choices=(*OUTPUT_FORMATS, AUTO),
+        doc="output format; default: the input's; auto = avif or webp when the request's "
+        "Accept header names them, else the input's",
     )
     quality: int = param(DEFAULT_QUALITY, lo=1, hi=100, doc="JPEG, WebP and AVIF quality")
 
@@ -369,7 +373,8 @@ class EncodeParams(Params):
 def encode_step(img: Image, p: EncodeParams) -> Image:
     """Output format and quality; must be the last step, applied by the codec after the chain.
 
-    Without format the output keeps the input's format (GIF and BMP become PNG).
+    Without format the output keeps the input's format (GIF and BMP become PNG); auto is
+    resolved by the gateway from the submitting request's Accept header.
     JPEG output composites transparency on white; PNG ignores quality. AVIF is heavy
     (about 25× a JPEG encode).
     """

@@ -428,6 +428,7 @@ def test_format_names() -> None:
     assert content_type("avif") == "image/avif"
     assert ext("avif") == "avif"
     assert output_format("png", "avif") == "avif"
+    assert output_format("gif", "auto") == "png"  # unresolved auto: the input's
     assert ext("jpeg") == "jpg"
     assert ext("png") == "png"
     assert output_format("gif") == "png"
