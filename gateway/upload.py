@@ -40,6 +40,7 @@ from imgpipe.filters.chain import Chain
 from imgpipe.filters.codec import check_pixels, probe
 from imgpipe.filters.formats import AUTO, negotiate
 from imgpipe.gateway.errors import BadForm, ClientTimeout, PayloadTooLarge, RequestTimeout
+from imgpipe.gateway.presets import expand, load_presets
 
 CHUNK = 1024 * 1024
 
@@ -204,14 +205,16 @@ def parse_chains(specs: list[str], settings: Settings, *,
     """``(canonical, cost)`` per spec, and whether any ``format=auto`` was resolved;
     FilterError naming the chain that is wrong.
 
+    A ``preset:NAME`` spec is first replaced by its chain (``IMGPIPE_PRESETS``).
     ``encode:format=auto`` becomes the format ``accept`` (the request's ``Accept``)
     allows, or the input's, so the recorded chain and the workers never see ``auto``.
     """
     out: list[tuple[str, str]] = []
     negotiated = False
+    presets = load_presets(settings.presets)
     for i, spec in enumerate(specs):
         try:
-            chain = parse_chain(spec, max_filters=settings.max_filters)
+            chain = parse_chain(expand(spec, presets), max_filters=settings.max_filters)
         except FilterError as exc:
             where = f" ({exc.field})" if exc.field and exc.field != "ops" else ""
             raise FilterError(f"ops #{i + 1} {spec[:200]!r}: {exc.detail}{where}",
