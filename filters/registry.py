@@ -14,7 +14,8 @@ filter        ms                                               class
 ============  ===============================================  =====================
 resize        4 (w=1920), 9 (w=480), 80 (w=3456, the slowest   light (enlarging is
               shrink), 60 (1920² cover), 110 (enlarge to 50 MP) dominated by encode)
-crop          0.6                                              light
+              70 (1920² cover, gravity=smart)
+crop          0.6; 19 (1920×1080, gravity=smart)               light
 rotate        16 (90°), 4 (180°); 83 (30°), 143 (45°, expand)  heavy off 90° steps
 flip          4                                                light
 blur          32 (σ=2), 45 (σ=6), 47 (σ=100)                   light
@@ -62,7 +63,7 @@ pays it once on its input's pixels and once on its output's (a fair split)."""
 STEP_MS_4K: dict[str, tuple[float, float]] = {
     # The table above, per use: (light use, heavy use) in ms per 4K frame; the
     # slowest measured case of each class, so an estimate errs towards too high.
-    "resize": (110, 110), "crop": (1, 1), "rotate": (16, 143), "flip": (4, 4),
+    "resize": (110, 110), "crop": (19, 19), "rotate": (16, 143), "flip": (4, 4),
     "blur": (47, 47), "sharpen": (66, 66), "brightness": (11, 11), "contrast": (23, 23),
     "saturation": (25, 25), "grayscale": (5, 5), "sepia": (7, 7), "invert": (4, 4),
     "edges": (30, 30), "emboss": (12, 12), "median": (22, 883), "equalize": (45, 45),
