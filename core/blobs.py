@@ -26,7 +26,14 @@ from imgpipe.core.records import check_id
 
 PARTIAL = ".tmp-"  # name prefix of a file being written in place (see write_atomic)
 _UUID_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp"}
+_EXT = {
+    "jpeg": "jpg",
+    "png": "png",
+    "webp": "webp",
+    "gif": "gif",
+    "bmp": "bmp",
+    "avif": "avif",
+}
 
 
 def ext_for(fmt: str) -> str:

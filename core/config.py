@@ -119,6 +119,9 @@ class Settings:
     header_timeout_s: float = _doc(
         "longest a request head (request line and headers) may take to arrive, s", 10.0)
 
+    presets: str = _doc("file of name=chain lines, used as ops=preset:NAME (# comments);"
+                        " empty: none", "")
+
     # --- access and per-client limits -------------------------------------------------
     api_keys: str = _doc("API keys for /api/*: KEY,KEY... or @FILE (one a line, # comments);"
                          " empty: keyless", "")

@@ -69,7 +69,8 @@ class Chain:
     @property
     def cost(self) -> Cost:
         """``heavy`` if any step is heavy: the class of worker the task is routed to."""
-        return "heavy" if any(step.cost == "heavy" for step in self.steps) else "light"
+        steps = self.steps if self.encode is None else (*self.steps, Step("encode", self.encode))
+        return "heavy" if any(step.cost == "heavy" for step in steps) else "light"
 
     def output_size(
         self, width: int, height: int, *, max_pixels: int | None = None
@@ -119,6 +120,8 @@ def estimate_ms(chain: Chain, width: int, height: int) -> float:
         new_mp = nw * nh / 1e6
         total += step_ms_per_mp(step.name, step.cost) * max(mp, new_mp)
         width, height, mp = nw, nh, new_mp
+    if chain.encode is not None:  # an encode dearer than JPEG's (AVIF) pays the difference
+        total += step_ms_per_mp("encode", Step("encode", chain.encode).cost) * mp
     return total + CODEC_MS_PER_MP * mp
 
 

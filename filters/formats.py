@@ -1,7 +1,7 @@
 """Image formats: recognised by their bytes, never by a name or a declared type.
 
 Accepted inputs are JPEG, PNG, WebP, GIF (first frame) and BMP; outputs are JPEG,
-PNG and WebP. Formats people commonly try (TIFF, PDF, SVG, HEIC, AVIF, ICO) get a
+PNG, WebP and AVIF. Formats people commonly try (TIFF, PDF, SVG, HEIC, AVIF, ICO) get a
 message that names them.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from imgpipe.core.errors import ImageError
 
 INPUT_FORMATS = ("jpeg", "png", "webp", "gif", "bmp")
-OUTPUT_FORMATS = ("jpeg", "png", "webp")
+OUTPUT_FORMATS = ("jpeg", "png", "webp", "avif")
 
 _CONTENT_TYPES = {
     "jpeg": "image/jpeg",
@@ -18,8 +18,16 @@ _CONTENT_TYPES = {
     "webp": "image/webp",
     "gif": "image/gif",
     "bmp": "image/bmp",
+    "avif": "image/avif",
 }
-_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "bmp": "bmp"}
+_EXTENSIONS = {
+    "jpeg": "jpg",
+    "png": "png",
+    "webp": "webp",
+    "gif": "gif",
+    "bmp": "bmp",
+    "avif": "avif",
+}
 
 # Header sizes of the BMP variants (BITMAPCOREHEADER … BITMAPV5HEADER).
 _BMP_DIB_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
@@ -101,8 +109,48 @@ def ext(fmt: str) -> str:
         raise ValueError(f"unknown format {fmt!r}") from None
 
 
+AUTO = "auto"
+"""``encode:format=auto``: resolved by the gateway from the request's ``Accept``."""
+NEGOTIATED = ("avif", "webp")
+"""What ``auto`` picks, in order of preference, when ``Accept`` names it (as imgproxy)."""
+
+
+def negotiate(accept: str | None) -> str | None:
+    """What ``format=auto`` becomes for an ``Accept`` header: ``avif`` or ``webp`` when it
+    names them (q > 0), else ``None`` (the input's format).
+
+    Only explicit types count, as imgproxy: ``*/*`` and ``image/*`` are sent by clients
+    that cannot necessarily show AVIF or WebP.
+    """
+    named: set[str] = set()
+    for item in (accept or "").split(","):
+        media, _, params = item.partition(";")
+        if not _q_zero(params):
+            named.add(media.strip().lower())
+    for fmt in NEGOTIATED:
+        if _CONTENT_TYPES[fmt] in named:
+            return fmt
+    return None
+
+
+def _q_zero(params: str) -> bool:
+    for p in params.split(";"):
+        key, _, value = p.strip().partition("=")
+        if key.strip().lower() == "q":
+            try:
+                return float(value) <= 0
+            except ValueError:
+                return False
+    return False
+
+
 def output_format(input_format: str, requested: str | None = None) -> str:
-    """The format to encode to: the requested one, else the input's (GIF and BMP → PNG)."""
+    """The format to encode to: the requested one, else the input's (GIF and BMP → PNG).
+
+    An unresolved ``auto`` (a chain that did not come through the gateway) is the input's.
+    """
+    if requested == AUTO:
+        requested = None
     if requested is not None:
         if requested not in OUTPUT_FORMATS:
             raise ValueError(f"cannot encode to {requested!r}")

@@ -16,6 +16,7 @@ import numpy as np
 from imgpipe.filters.params import ParamError, Params, param
 from imgpipe.filters.pixels import Image, as_image
 from imgpipe.filters.registry import register
+from imgpipe.filters.smartcrop import GRAVITIES, place
 
 MAX_SIDE = 16384
 """Largest width or height resize accepts (WebP itself stops at 16383)."""
@@ -36,12 +37,20 @@ class ResizeParams(Params):
         "contain",
         choices=("contain", "cover", "fill"),
         doc="with w and h: contain = fit inside keeping aspect, "
-        "cover = fill the box keeping aspect and crop the centre, fill = stretch",
+        "cover = fill the box keeping aspect and crop by gravity, fill = stretch",
+    )
+    gravity: str = param(
+        "center",
+        choices=GRAVITIES,
+        doc="with fit=cover: the part kept; smart = the most detailed part "
+        "(edges, skin tones, saturation), the centre on a flat image",
     )
 
     def check(self) -> None:
         if self.w == 0 and self.h == 0:
             raise ParamError("w", "w or h (or both) is required")
+        if self.gravity != "center" and not (self.w and self.h and self.fit == "cover"):
+            raise ParamError("gravity", "gravity needs w, h and fit=cover")
 
 
 def resize_scale(width: int, height: int, p: ResizeParams) -> tuple[float, float]:
@@ -82,7 +91,7 @@ def resize(img: Image, p: ResizeParams) -> Image:
         s = max(p.w / width, p.h / height)
         cw, ch = min(width, _round(p.w / s)), min(height, _round(p.h / s))
         if (cw, ch) != (width, height):
-            x, y = (width - cw) // 2, (height - ch) // 2
+            x, y = place(img, cw, ch, p.gravity)
             img, cropped = img[y : y + ch, x : x + cw], True
             height, width = ch, cw
     if (out_w, out_h) == (width, height):
@@ -116,10 +125,25 @@ class CropParams(Params):
     y: int = param(0, lo=0, hi=MAX_COORD, doc="top edge in px")
     w: int = param(0, lo=0, hi=MAX_COORD, doc="width in px; 0 = to the right edge")
     h: int = param(0, lo=0, hi=MAX_COORD, doc="height in px; 0 = to the bottom edge")
+    gravity: str | None = param(
+        None,
+        kind=str,
+        choices=GRAVITIES,
+        doc="place the w×h window by gravity instead of x, y; smart = the most detailed "
+        "part (edges, skin tones, saturation), the centre on a flat image",
+    )
+
+    def check(self) -> None:
+        if self.gravity is not None and (self.x or self.y):
+            raise ParamError("gravity", "give either x, y or gravity, not both")
 
 
 def crop_box(width: int, height: int, p: CropParams) -> tuple[int, int, int, int]:
-    """(x, y, w, h) clipped to the image; never empty."""
+    """(x, y, w, h) clipped to the image; never empty (without gravity: before placing)."""
+    if p.gravity is not None:
+        w = width if p.w == 0 else min(p.w, width)
+        h = height if p.h == 0 else min(p.h, height)
+        return 0, 0, w, h
     x, y = min(p.x, width - 1), min(p.y, height - 1)
     w = width - x if p.w == 0 else min(p.w, width - x)
     h = height - y if p.h == 0 else min(p.h, height - y)
@@ -132,15 +156,17 @@ def crop_size(width: int, height: int, p: CropParams) -> tuple[int, int]:
 
 @register("crop", params=CropParams, geometry=crop_size)
 def crop(img: Image, p: CropParams) -> Image:
-    """Cut the rectangle x, y, w, h; clipped to the image, never an error.
+    """Cut the rectangle x, y, w, h, or a w×h window placed by gravity; clipped to the image.
 
     A box that starts outside the image is moved to its last row or column, so the
     result is at least 1×1.
     """
     height, width = img.shape[:2]
     x, y, w, h = crop_box(width, height, p)
-    if (x, y, w, h) == (0, 0, width, height):
+    if (w, h) == (width, height):
         return img
+    if p.gravity is not None:
+        x, y = place(img, w, h, p.gravity)
     return np.array(img[y : y + h, x : x + w])
 
 

@@ -14,7 +14,8 @@ filter        ms                                               class
 ============  ===============================================  =====================
 resize        4 (w=1920), 9 (w=480), 80 (w=3456, the slowest   light (enlarging is
               shrink), 60 (1920² cover), 110 (enlarge to 50 MP) dominated by encode)
-crop          0.6                                              light
+              70 (1920² cover, gravity=smart)
+crop          0.6; 19 (1920×1080, gravity=smart)               light
 rotate        16 (90°), 4 (180°); 83 (30°), 143 (45°, expand)  heavy off 90° steps
 flip          4                                                light
 blur          32 (σ=2), 45 (σ=6), 47 (σ=100)                   light
@@ -31,7 +32,15 @@ median        5 (3), 22 (5); 761 (7), 883 (15)                 heavy above size 
 equalize      45                                               light
 pixelate      32 (8), 54 (512)                                 light
 denoise       9085                                             heavy
+encode        0 over the JPEG encode above; avif 790 more      heavy for avif
 ============  ===============================================  =====================
+
+Encoding the 4K frame (``photo()`` of tests/filters/images.py at quality 85, one
+thread, best of 3, a timing script on a 2-core AMD EPYC): JPEG 33 ms, WebP 672 ms, AVIF
+822 ms (libavif speed 8 through Pillow 13; Pillow's default speed 6 is ~3.7× that).
+At 1920×1080: JPEG 10, WebP 209, AVIF 236 (speed 6: 872). The ``encode`` row charges
+AVIF's difference from JPEG (822 − 33 ≈ 790), since every output already pays a JPEG
+encode in ``CODEC_MS_PER_MP``. WebP is not yet charged or classed heavy.
 """
 
 from __future__ import annotations
@@ -54,11 +63,13 @@ pays it once on its input's pixels and once on its output's (a fair split)."""
 STEP_MS_4K: dict[str, tuple[float, float]] = {
     # The table above, per use: (light use, heavy use) in ms per 4K frame; the
     # slowest measured case of each class, so an estimate errs towards too high.
-    "resize": (110, 110), "crop": (1, 1), "rotate": (16, 143), "flip": (4, 4),
+    "resize": (110, 110), "crop": (19, 19), "rotate": (16, 143), "flip": (4, 4),
     "blur": (47, 47), "sharpen": (66, 66), "brightness": (11, 11), "contrast": (23, 23),
     "saturation": (25, 25), "grayscale": (5, 5), "sepia": (7, 7), "invert": (4, 4),
     "edges": (30, 30), "emboss": (12, 12), "median": (22, 883), "equalize": (45, 45),
     "pixelate": (54, 54), "denoise": (9085, 9085),
+    # Extra over the JPEG encode every output pays: none, or AVIF's (measured, above).
+    "encode": (0, 790),
 }
 DEFAULT_STEP_MS_4K = 50.0
 """A filter missing from the table (test filters) is estimated at this."""

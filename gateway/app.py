@@ -21,6 +21,7 @@ from imgpipe.gateway.fleet import (
     FleetView,
     HealthResource,
     MetricsResource,
+    PresetsResource,
     PrometheusResource,
     WorkersResource,
 )
@@ -73,6 +74,7 @@ def create_app(settings: Settings, *, store: Store | None = None,
     app.add_route("/api/jobs/{job_id}", JobResource(settings, store, process.waiter))
     app.add_route("/api/jobs/{job_id}/outputs/{n}", OutputResource(store))
     app.add_route("/api/filters", FiltersResource())
+    app.add_route("/api/presets", PresetsResource(settings))
     app.add_route("/api/workers", WorkersResource(view))
     app.add_route("/api/metrics", MetricsResource(view))
     app.add_route("/metrics", PrometheusResource(metrics))

@@ -21,6 +21,7 @@ from imgpipe.core.store import Store
 from imgpipe.filters import describe_filters
 from imgpipe.gateway.metrics import QueueHistory, RequestMetrics, fleet_metrics
 from imgpipe.gateway.pipeline import Pipeline
+from imgpipe.gateway.presets import load_presets
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,17 @@ class FiltersResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {"filters": describe_filters()}
+
+
+class PresetsResource:
+    """``GET /api/presets``: the named chains usable as ``ops=preset:NAME``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.presets = load_presets(settings.presets)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"presets": [{"name": name, "ops": ops}
+                                  for name, ops in sorted(self.presets.items())]}
 
 
 class WorkersResource:

@@ -80,6 +80,10 @@ SCHEMAS: dict[str, Any] = {
         "filters": {"type": "array", "items": {"type": "object", "properties": {
             "name": {"type": "string"}, "doc": {"type": "string"},
             "params": {"type": "array", "items": {"type": "object"}}}}}}},
+    "Presets": {"type": "object", "required": ["presets"], "properties": {
+        "presets": {"type": "array", "items": {
+            "type": "object", "required": ["name", "ops"], "properties": {
+                "name": {"type": "string"}, "ops": {"type": "string"}}}}}},
     "Worker": {"type": "object", "required": ["id", "state"], "properties": {
         "id": {"type": "string"}, "host": {"type": "string"}, "pid": {"type": "integer"},
         "state": {"type": "string", "enum": ["idle", "busy", "lost"]},
@@ -136,7 +140,9 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         "description": (
             f"Up to {s.max_images} `image` parts (JPEG, PNG, WebP, GIF, BMP; recognised by "
             f"their bytes; at most {s.max_pixels} pixels each) and up to {s.max_chains} "
-            f"`ops` chains of at most {s.max_filters} filters (see `/api/filters`). Without "
+            f"`ops` chains of at most {s.max_filters} filters (see `/api/filters`), or "
+            "`preset:NAME` (see `/api/presets`); `encode:format=auto` picks AVIF or WebP "
+            "when `Accept` names them, else the input's format. Without "
             "`ops` the chains are `resize:w=1920`, `blur:radius=3`, `brightness:factor=1.2`. "
             f"The body may be at most {s.max_upload_bytes} bytes and must arrive within "
             f"{s.gateway_timeout_s:g} s."),
@@ -218,6 +224,10 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "operationId": "listFilters",
                 "summary": "Every filter with its parameters, types, ranges and defaults",
                 "responses": {"200": _json(_ref("Filters"), "the filters")}}},
+            "/api/presets": {"get": {
+                "operationId": "listPresets",
+                "summary": "Named chains (IMGPIPE_PRESETS), usable as `ops=preset:NAME`",
+                "responses": {"200": _json(_ref("Presets"), "the presets")}}},
             "/api/workers": {"get": {
                 "operationId": "listWorkers", "summary": "The worker registry",
                 "responses": {"200": _json(_ref("Workers"), "live and recently lost workers"),

@@ -19,6 +19,7 @@ it is a rename). Limits apply in the order that makes a bad request cheapest:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import socket
@@ -35,8 +36,11 @@ from imgpipe.core.config import Settings
 from imgpipe.core.errors import FilterError, ImageError
 from imgpipe.core.store import Store
 from imgpipe.filters import parse_chain, sniff
+from imgpipe.filters.chain import Chain
 from imgpipe.filters.codec import check_pixels, probe
+from imgpipe.filters.formats import AUTO, negotiate
 from imgpipe.gateway.errors import BadForm, ClientTimeout, PayloadTooLarge, RequestTimeout
+from imgpipe.gateway.presets import expand, load_presets
 
 CHUNK = 1024 * 1024
 
@@ -71,6 +75,7 @@ class Upload:
     images: list[StagedImage] = field(default_factory=list)
     chains: list[tuple[str, str]] = field(default_factory=list)
     body_bytes: int = 0
+    negotiated: bool = False  # a chain's format=auto was resolved from Accept
 
     @property
     def outputs(self) -> int:
@@ -182,7 +187,8 @@ def parse_upload(req: falcon.Request, settings: Settings, store: Store) -> Uploa
         if not upload.images:
             raise BadForm("no 'image' part: send the images as file parts named 'image'",
                           field="image")
-        upload.chains = parse_chains(specs or list(DEFAULT_CHAINS), settings)
+        upload.chains, upload.negotiated = parse_chains(
+            specs or list(DEFAULT_CHAINS), settings, accept=req.get_header("Accept"))
     except MultipartParseError as exc:
         upload.discard()
         raise BadForm(f"malformed multipart body: {exc.description}", field="body") from None
@@ -194,18 +200,34 @@ def parse_upload(req: falcon.Request, settings: Settings, store: Store) -> Uploa
     return upload
 
 
-def parse_chains(specs: list[str], settings: Settings) -> list[tuple[str, str]]:
-    """``(canonical, cost)`` per spec; FilterError naming the chain that is wrong."""
+def parse_chains(specs: list[str], settings: Settings, *,
+                 accept: str | None = None) -> tuple[list[tuple[str, str]], bool]:
+    """``(canonical, cost)`` per spec, and whether any ``format=auto`` was resolved;
+    FilterError naming the chain that is wrong.
+
+    A ``preset:NAME`` spec is first replaced by its chain (``IMGPIPE_PRESETS``).
+    ``encode:format=auto`` becomes the format ``accept`` (the request's ``Accept``)
+    allows, or the input's, so the recorded chain and the workers never see ``auto``.
+    """
     out: list[tuple[str, str]] = []
+    negotiated = False
+    presets = load_presets(settings.presets)
     for i, spec in enumerate(specs):
         try:
-            chain = parse_chain(spec, max_filters=settings.max_filters)
+            chain = parse_chain(expand(spec, presets), max_filters=settings.max_filters)
         except FilterError as exc:
             where = f" ({exc.field})" if exc.field and exc.field != "ops" else ""
             raise FilterError(f"ops #{i + 1} {spec[:200]!r}: {exc.detail}{where}",
                               field="ops") from None
+        if chain.encode is not None and chain.encode.format == AUTO:
+            chain, negotiated = _resolve_auto(chain, negotiate(accept)), True
         out.append((chain.canonical(), chain.cost))
-    return out
+    return out, negotiated
+
+
+def _resolve_auto(chain: Chain, fmt: str | None) -> Chain:
+    assert chain.encode is not None
+    return dataclasses.replace(chain, encode=dataclasses.replace(chain.encode, format=fmt))
 
 
 def _boundary(params: str) -> bytes:

@@ -25,7 +25,7 @@ from imgpipe.core.config import client_headers
 from imgpipe.core.records import FINAL_JOB
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-_EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
+_EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/avif": "avif"}
 
 
 def submit(url: str, files: Sequence[Path], chains: Sequence[str], *,

@@ -37,6 +37,11 @@ def _value_text(draw: st.DrawFn, info: ParamInfo) -> tuple[Any, str]:
 def _fix(name: str, values: dict[str, tuple[Any, str]]) -> None:
     if name == "resize" and not any(values.get(k, (0, ""))[0] for k in ("w", "h")):
         values["w"] = (640, "640")
+    if name == "resize" and values.get("gravity", ("center", ""))[0] != "center":
+        values["w"], values["h"], values["fit"] = (64, "64"), (48, "48"), ("cover", "cover")
+    if name == "crop" and "gravity" in values:
+        values.pop("x", None)
+        values.pop("y", None)
     if name == "median" and "size" in values and values["size"][0] % 2 == 0:
         size = values["size"][0] + 1
         values["size"] = (size, str(size))

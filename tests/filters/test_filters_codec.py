@@ -362,6 +362,42 @@ def test_encode_round_trips(fmt: str, channels: int) -> None:
     assert psnr(out, img) >= psnr(theirs[..., : out.shape[2]], img) - 1.5
 
 
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_avif_round_trips_through_pillow(channels: int) -> None:
+    img = photo(180, 320, channels)
+    data = encode(img, "avif", 90)
+    assert data[4:12] == b"ftypavif"
+    mode = "RGBA" if channels == 4 else "RGB"
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "AVIF" and im.size == (320, 180)
+        out = from_pil(im.convert(mode))
+    theirs = from_pil(Image.open(io.BytesIO(save(to_pil(img), "AVIF", quality=90))).convert(mode))
+    if channels == 1:  # decoded as RGB: the three planes are equal
+        out, theirs = out[..., :1], theirs[..., :1]
+    assert out.shape == img.shape
+    # Chroma is subsampled 4:2:0, so colour scores lower than gray; as good as Pillow's
+    # slower default speed within 1 dB.
+    assert psnr(out[..., :3], img[..., :3]) >= (45 if channels == 1 else 32)
+    assert psnr(out[..., :3], img[..., :3]) >= psnr(theirs[..., :3], img[..., :3]) - 1
+    if channels == 4:
+        assert psnr(out[..., 3:], img[..., 3:]) >= 45
+
+
+def test_avif_is_encoded_but_not_accepted_as_input() -> None:
+    data = encode(photo(8, 8), "avif")
+    with pytest.raises(ImageError, match="AVIF is not an accepted"):
+        sniff(data)
+
+
+def test_avif_encode_is_heavy_and_charged() -> None:
+    from imgpipe.filters import parse_chain
+    from imgpipe.filters.chain import estimate_ms
+
+    avif, webp = parse_chain("encode:format=avif"), parse_chain("invert|encode:format=webp")
+    assert avif.cost == "heavy" and webp.cost == "light"
+    assert estimate_ms(avif, 3840, 2160) > estimate_ms(parse_chain("encode"), 3840, 2160) + 700
+
+
 def test_jpeg_puts_transparency_on_white() -> None:
     img = np.zeros((16, 16, 4), np.uint8)
     img[..., 0] = 255  # red, fully transparent
@@ -373,6 +409,7 @@ def test_quality_changes_the_size() -> None:
     img = photo()
     assert len(encode(img, "jpeg", 30)) < len(encode(img, "jpeg", 95))
     assert len(encode(img, "webp", 30)) < len(encode(img, "webp", 95))
+    assert len(encode(img, "avif", 30)) < len(encode(img, "avif", 95))
 
 
 def test_encode_refuses_bad_arguments() -> None:
@@ -388,6 +425,10 @@ def test_encode_refuses_bad_arguments() -> None:
 def test_format_names() -> None:
     assert content_type("jpeg") == "image/jpeg"
     assert content_type("webp") == "image/webp"
+    assert content_type("avif") == "image/avif"
+    assert ext("avif") == "avif"
+    assert output_format("png", "avif") == "avif"
+    assert output_format("gif", "auto") == "png"  # unresolved auto: the input's
     assert ext("jpeg") == "jpg"
     assert ext("png") == "png"
     assert output_format("gif") == "png"

@@ -117,7 +117,7 @@ def test_openapi_is_valid_and_lists_every_route(gateway: Any, settings: Settings
     assert spec["openapi"].startswith("3.")
     assert set(spec["paths"]) == {
         "/api/process/", "/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/outputs/{n}",
-        "/api/filters", "/api/workers", "/api/metrics", "/metrics", "/healthz",
+        "/api/filters", "/api/presets", "/api/workers", "/api/metrics", "/metrics", "/healthz",
         "/openapi.json"}
     for path in spec["paths"]:
         concrete = path.replace("{job_id}", "0b7d2a1e-3c4f-4a5b-8c6d-7e8f9a0b1c2d").replace(

@@ -65,6 +65,8 @@ CASES = [
     Case("inf-param", 400, form([GOOD], ["brightness:factor=inf"]), "ops"),
     Case("negative-param", 400, form([GOOD], ["blur:radius=-3"]), "ops"),
     Case("huge-param", 400, form([GOOD], ["resize:w=100000000"]), "ops"),
+    Case("bad-gravity", 400, form([GOOD], ["crop:w=4,h=4,gravity=middle"]), "ops"),
+    Case("gravity-without-cover", 400, form([GOOD], ["resize:w=4,h=4,gravity=smart"]), "ops"),
     Case("malformed-chain", 400, form([GOOD], ["resize:w=|blur:"]), "ops"),
     Case("empty-chain", 400, form([GOOD], [""]), "ops"),
     Case("too-many-filters", 400, form([GOOD], ["|".join(["invert"] * 13)]), "ops"),

@@ -53,6 +53,16 @@ def test_results_are_byte_identical_to_the_library_in_process(
     assert result.timings["queue"] >= 250
 
 
+def test_avif_output_after_a_smart_cover_resize(pool: FilterPool, buffers: BufferSet) -> None:
+    data = jpeg(640, 360, seed=5)
+    ops = "resize:w=160,h=160,fit=cover,gravity=smart|encode:format=avif,quality=60"
+    result = process_task(task(data, ops), pool, buffers, OPTS)
+    assert result.ok, result.error
+    assert result.format == "avif" and result.content_type == "image/avif"
+    with Image.open(io.BytesIO(bytes(result.payload))) as out:
+        assert out.format == "AVIF" and out.size == (160, 160)
+
+
 def test_a_corrupt_image_is_a_final_error(pool: FilterPool, buffers: BufferSet) -> None:
     data = jpeg(640, 480)
     result = process_task(task(data[: len(data) // 2], "blur"), pool, buffers, OPTS)
