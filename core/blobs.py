@@ -22,22 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from imgpipe.core.media import EXTENSIONS
 from imgpipe.core.records import check_id
 
 PARTIAL = ".tmp-"  # name prefix of a file being written in place (see write_atomic)
 _UUID_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_EXT = {
-    "jpeg": "jpg",
-    "png": "png",
-    "webp": "webp",
-    "gif": "gif",
-    "bmp": "bmp",
-    "avif": "avif",
-}
-
-
 def ext_for(fmt: str) -> str:
-    return _EXT.get(fmt, "bin")
+    return EXTENSIONS.get(fmt, "bin")
 
 
 class Blobs:

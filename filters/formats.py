@@ -9,25 +9,13 @@ from __future__ import annotations
 
 from imgpipe.core.errors import ImageError
 
-INPUT_FORMATS = ("jpeg", "png", "webp", "gif", "bmp")
-OUTPUT_FORMATS = ("jpeg", "png", "webp", "avif")
-
-_CONTENT_TYPES = {
-    "jpeg": "image/jpeg",
-    "png": "image/png",
-    "webp": "image/webp",
-    "gif": "image/gif",
-    "bmp": "image/bmp",
-    "avif": "image/avif",
-}
-_EXTENSIONS = {
-    "jpeg": "jpg",
-    "png": "png",
-    "webp": "webp",
-    "gif": "gif",
-    "bmp": "bmp",
-    "avif": "avif",
-}
+# The names, extensions and MIME types live in core (the store and the sink use them
+# too); this module re-exports them beside what it adds: recognising formats by bytes.
+from imgpipe.core.media import CONTENT_TYPES
+from imgpipe.core.media import INPUT_FORMATS as INPUT_FORMATS
+from imgpipe.core.media import OUTPUT_FORMATS as OUTPUT_FORMATS
+from imgpipe.core.media import content_type as content_type
+from imgpipe.core.media import ext as ext
 
 # Header sizes of the BMP variants (BITMAPCOREHEADER … BITMAPV5HEADER).
 _BMP_DIB_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
@@ -93,22 +81,6 @@ def _describe(head: bytes) -> str:
     return "this data"
 
 
-def content_type(fmt: str) -> str:
-    """The MIME type of a format name (``jpeg`` → ``image/jpeg``)."""
-    try:
-        return _CONTENT_TYPES[fmt]
-    except KeyError:
-        raise ValueError(f"unknown format {fmt!r}") from None
-
-
-def ext(fmt: str) -> str:
-    """The usual file extension of a format, without the dot (``jpeg`` → ``jpg``)."""
-    try:
-        return _EXTENSIONS[fmt]
-    except KeyError:
-        raise ValueError(f"unknown format {fmt!r}") from None
-
-
 AUTO = "auto"
 """``encode:format=auto``: resolved by the gateway from the request's ``Accept``."""
 NEGOTIATED = ("avif", "webp")
@@ -128,7 +100,7 @@ def negotiate(accept: str | None) -> str | None:
         if not _q_zero(params):
             named.add(media.strip().lower())
     for fmt in NEGOTIATED:
-        if _CONTENT_TYPES[fmt] in named:
+        if CONTENT_TYPES[fmt] in named:
             return fmt
     return None
 

@@ -22,10 +22,10 @@ from typing import Any
 
 from imgpipe.core import lease
 from imgpipe.core.errors import ImgpipeError, ProtocolError
+from imgpipe.core.media import OUTPUT_FORMATS, content_type
 from imgpipe.core.protocol import Done, Result
 from imgpipe.core.records import task_id
 from imgpipe.core.store import Store
-from imgpipe.filters.formats import OUTPUT_FORMATS, content_type
 
 log = logging.getLogger(__name__)
 
