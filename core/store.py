@@ -122,7 +122,7 @@ _ADDED_COLUMNS = (
     ("outputs", "cached", "INTEGER NOT NULL DEFAULT 0"),
     ("outputs", "cache_key", "TEXT"),
 )
-TOMBSTONE_S = 30 * 86400.0  # how long an expired job answers 410 before it is unknown
+TOMBSTONE_S = 86400.0  # how long an expired job answers 410 before it is unknown (a row each)
 COUNTERS = ("jobs", "outputs", "done", "failed", "retries", "cache_hits", "cache_misses",
             "jobs_expired", "jobs_evicted", "bytes")
 
