@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 BATCH = 200          # jobs dropped per query
 MAX_BATCHES = 10     # per pass: at most BATCH x MAX_BATCHES jobs
 LEFTOVER_GRACE_S = 600.0  # a file no job owns is a leftover once this old
+LEFTOVER_EVERY_S = 600.0  # how often the leftover walk runs: it lists every job's folder
 
 
 @dataclass
@@ -33,8 +34,10 @@ class Swept:
     leftovers: int = 0
 
 
-def sweep(store: Store, settings: Settings, now: float) -> Swept:
-    """Expire jobs past the TTL, evict past the byte budget, remove leftovers."""
+def sweep(store: Store, settings: Settings, now: float, *, leftovers: bool = True) -> Swept:
+    """Expire jobs past the TTL, evict past the byte budget, and (with ``leftovers``)
+    remove what crashes left. Expiry and eviction are indexed queries, cheap every pass;
+    the leftover walk lists every job folder, so callers run it less often."""
     out = Swept()
     if settings.job_ttl_s > 0:
         for _ in range(MAX_BATCHES):
@@ -45,7 +48,8 @@ def sweep(store: Store, settings: Settings, now: float) -> Swept:
             out.expired += len(ids)
     evicted, freed = make_room(store, settings, now)
     out.evicted, out.freed = evicted, out.freed + freed
-    out.leftovers = store.sweep_leftovers(older_than=now - LEFTOVER_GRACE_S)
+    if leftovers:
+        out.leftovers = store.sweep_leftovers(older_than=now - LEFTOVER_GRACE_S)
     if out.expired or out.evicted or out.leftovers:
         log.info("retention: %d job(s) expired, %d evicted, %d leftover(s) swept, %d bytes "
                  "freed", out.expired, out.evicted, out.leftovers, out.freed)

@@ -62,13 +62,16 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
         log.info("sink up: results on %s, events on %s", settings.result_endpoint,
                  settings.event_endpoint)
         seq = 0
-        next_metric = next_sweep = 0.0
+        next_metric = next_sweep = next_walk = 0.0
         while not stop.is_set():
             now = time.time()
             if now >= next_sweep:
                 next_sweep = now + settings.sweep_interval_s
+                walk = now >= next_walk
+                if walk:
+                    next_walk = now + retention.LEFTOVER_EVERY_S
                 try:
-                    swept = retention.sweep(store, settings, now)
+                    swept = retention.sweep(store, settings, now, leftovers=walk)
                     handler.counters.expired += swept.expired + swept.evicted
                 except Exception:
                     log.exception("retention pass failed; next in %s s",
