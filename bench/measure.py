@@ -66,12 +66,26 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
+# The components of a stack, by the ``imgpipe ROLE`` a process runs. A worker's
+# descendants (the forkserver and the pool it starts) are its filter processes;
+# gunicorn's workers inherit the gateway's role; this process is the client.
+COMPONENTS = ("gateway", "ventilator", "worker", "filter", "sink")
+
+
+def _role_of(cmdline: list[str]) -> str | None:
+    for i, part in enumerate(cmdline[:-1]):
+        if part == "imgpipe" or part.endswith("/imgpipe"):
+            return cmdline[i + 1]
+    return None
+
+
 class ResourceMonitor:
     """Samples CPU seconds and RSS of a set of processes every SAMPLE_S.
 
     Without ``roots``: this process and all its descendants. With ``roots``: this
     process alone plus each root and its descendants — how a mode counts its own pool
-    or stack and not the idle pools other modes keep alive beside it.
+    or stack and not the idle pools other modes keep alive beside it. Each process is
+    also given a component (see COMPONENTS), so a stack's CPU splits by component.
     """
 
     def __init__(self, roots: list[int] | None = None) -> None:
@@ -80,6 +94,7 @@ class ResourceMonitor:
         self._own_cpu = 0.0
         self.start_cpu: dict[tuple[int, float], float] = {}
         self.last_cpu: dict[tuple[int, float], float] = {}
+        self.component: dict[tuple[int, float], str] = {}
         self.peak_rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="resource-monitor", daemon=True)
@@ -97,15 +112,35 @@ class ResourceMonitor:
                 p = self._procs.get(pid) or psutil.Process(pid)
                 procs[pid] = p
                 with p.oneshot():
+                    key = (p.pid, p.create_time())
                     t = p.cpu_times()
-                    cpu[(p.pid, p.create_time())] = t.user + t.system
+                    cpu[key] = t.user + t.system
                     rss += p.memory_info().rss
+                    if key not in self.component:
+                        self.component[key] = self._component(p, me)
             except psutil.Error:
                 continue
         self._procs = procs
         self.peak_rss = max(self.peak_rss, rss)
         self._own_cpu += time.thread_time() - began
         return cpu
+
+    def _component(self, p: psutil.Process, me: int) -> str:
+        """The component ``p`` belongs to: its own role, a worker ancestor's (as a filter
+        process) or another ancestor's; "client" for this process, else "other"."""
+        if p.pid == me:
+            return "client"
+        role = _role_of(p.cmdline())
+        if role in COMPONENTS:
+            return role
+        for parent in p.parents():
+            up = self.component.get((parent.pid, parent.create_time())) or _role_of(
+                parent.cmdline())
+            if up in ("worker", "filter"):
+                return "filter"
+            if up in COMPONENTS:
+                return up
+        return "other"
 
     def _loop(self) -> None:
         while not self._stop.wait(SAMPLE_S):
@@ -130,6 +165,17 @@ class ResourceMonitor:
         total = sum(v - self.start_cpu.get(k, 0.0) for k, v in self.last_cpu.items())
         return max(0.0, total - self._own_cpu)
 
+    def cpu_by_component(self) -> dict[str, float]:
+        """CPU seconds per component while the monitor ran (the client less the
+        monitor's own sampling)."""
+        out: dict[str, float] = {}
+        for k, v in self.last_cpu.items():
+            name = self.component.get(k, "other")
+            out[name] = out.get(name, 0.0) + v - self.start_cpu.get(k, 0.0)
+        if "client" in out:
+            out["client"] = max(0.0, out["client"] - self._own_cpu)
+        return out
+
 
 @dataclass
 class RunResult:
@@ -139,6 +185,7 @@ class RunResult:
     wall_s: float
     latencies_ms: list[float]
     cpu_s: float | None = None
+    cpu_by_component: dict[str, float] = field(default_factory=dict)
     outer_wall_s: float = 0.0
     peak_rss_mb: float | None = None
     errors: list[str] = field(default_factory=list)
@@ -198,7 +245,20 @@ def summarize(runs: list[RunResult]) -> dict[str, Any]:
             cpu / statistics.median(r.outer_wall_s or r.wall_s for r in runs), 2),
         "peak_rss_mb": round(max(rss), 1) if rss else None,
         "errors": sum(len(r.errors) for r in runs),
+        "cpu_ms_per_image_by_component": _by_component(runs),
     }
+
+
+def _by_component(runs: list[RunResult]) -> dict[str, float] | None:
+    """Median CPU ms per image of each component over the runs; None for a mode whose
+    work all runs in one component (no stack)."""
+    names = {n for r in runs for n in r.cpu_by_component}
+    if not names or not names & set(COMPONENTS):
+        return None
+    order = [*COMPONENTS, "client", "other"]
+    return {n: round(1000 * statistics.median(r.cpu_by_component.get(n, 0.0) for r in runs)
+                     / runs[0].images, 2)
+            for n in sorted(names, key=lambda n: order.index(n) if n in order else 99)}
 
 
 def timed_run(fn: Any, images: int, *, monitor: bool = True,
@@ -220,5 +280,6 @@ def timed_run(fn: Any, images: int, *, monitor: bool = True,
             mon.__exit__(None, None, None)
     return RunResult(images=images, wall_s=own_wall or wall, outer_wall_s=wall, latencies_ms=latencies,
                      cpu_s=mon.cpu_s if monitor else None,
+                     cpu_by_component=mon.cpu_by_component() if monitor else {},
                      peak_rss_mb=mon.peak_rss / 1e6 if monitor else None,
                      errors=errors, out_sizes=sizes)

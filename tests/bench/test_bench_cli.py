@@ -63,6 +63,29 @@ def test_bad_ops_exit_2(tmp_path: Path) -> None:
     assert main([*TINY, "--modes", "sequential", "--ops", "nosuchfilter"]) == 2
 
 
+@pytest.mark.parametrize(("workload", "size", "first_op", "goals"), [
+    ("chain", "3840x2160", "resize:w=1920,h=1080", ["pipeline >= 0.85 x limit"]),
+    ("resize", "3840x2160", "resize:w=1920,h=1080", ["pipeline >= 0.8 x limit"]),
+    ("small", "1280x800", "resize:w=640,h=400", []),
+])
+def test_workloads_set_the_chain_size_and_goal(workload: str, size: str, first_op: str,
+                                               goals: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    # One image, one pass: the workload's own size and chain (the 4K ones take a second).
+    assert main(["--workload", workload, "--images", "1", "--repeat", "1", "--probe", "0",
+                 "--modes", "sequential", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["workload"] == workload and doc["config"]["size"] == size
+    assert doc["config"]["ops"].split("|")[0] == first_op
+    assert [g["goal"] for g in doc["goals"]][:len(goals)] == goals
+    assert not any("x limit" in g["goal"] for g in doc["goals"][len(goals):])
+    # --ops and --size still override the workload's
+    assert main(["--workload", workload, *TINY, "--modes", "sequential", "--ops",
+                 "resize:w=100", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["size"] == "320x240" and doc["config"]["ops"] == "resize:w=100"
+
+
 def test_input_folder_is_used(tmp_path: Path) -> None:
     from imgpipe.bench.images import generate
 

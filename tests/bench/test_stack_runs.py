@@ -40,6 +40,12 @@ def test_bench_pipeline_with_one_worker(tmp_path: Path) -> None:
     assert pipe["errors"] == 0 and pipe["undecodable"] == 0
     assert pipe["output_sizes"] == by["sequential"]["output_sizes"]
     assert pipe["efficiency_vs_limit"] is not None
+    # Where the pipeline's CPU went: every component of the stack has its share, and
+    # the filter processes (the worker's pool) are told apart from the worker itself.
+    parts = pipe["cpu_ms_per_image_by_component"]
+    assert set(parts) >= {"gateway", "ventilator", "worker", "filter", "sink", "client"}, parts
+    assert all(v >= 0 for v in parts.values()) and parts["gateway"] > 0 and parts["filter"] > 0
+    assert by["limit"]["cpu_ms_per_image_by_component"] is None
     probe = doc["latency_probe"]
     assert probe["mode"] == "pipeline-w1" and probe["count"] == 2
     assert probe["image"] == {"width": 320, "height": 240, "bytes": probe["image"]["bytes"]}
