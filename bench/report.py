@@ -93,7 +93,7 @@ def goals(modes: list[dict[str, Any]], probe: dict[str, Any] | None,
               default=None)
     speed = max((m["speedup_vs_naive"] for m in pipes if m["speedup_vs_naive"]), default=None)
     ratio = probe.get("ratio_p50") if probe else None
-    out = []
+    out: list[dict[str, Any]] = []
     for (what, target, higher), value in zip(GOALS, (eff, speed, ratio), strict=True):
         if target is None:
             if workload not in LIMIT_SHARE:
@@ -102,7 +102,7 @@ def goals(modes: list[dict[str, Any]], probe: dict[str, Any] | None,
             what = what.format(share=target)
         met = None if value is None else (value >= target if higher else value <= target)
         out.append({"goal": what, "target": target, "value": value, "met": met})
-    if out and out[0]["goal"].endswith("x limit"):
+    if out and str(out[0]["goal"]).endswith("x limit"):
         out[0]["cpu_estimate"] = max((m["cpu_efficiency_vs_limit"] for m in pipes
                                   if m.get("cpu_efficiency_vs_limit")), default=None)
     return out
