@@ -107,6 +107,9 @@ class Settings:
     worker_threads: int = _doc("decode/encode threads per worker", 2)
     worker_slots: int = _doc("tasks a worker holds at once (decoding, filtering, encoding)", 2)
     worker_serves: str = _doc("cost classes a worker takes: light, heavy or all", "all")
+    inline_filter_ms: float = _doc(
+        "a light chain whose filters are estimated under this many ms runs on the thread "
+        "that decoded it, not in the filter pool (the hop costs about that); 0: never", 4.0)
     shm_dir: Path = _doc("where workers put frame segments: a tmpfs (Docker: size it with "
                          "shm_size); the supervisor sweeps dead workers' segments there",
                          Path("/dev/shm"))
@@ -190,6 +193,8 @@ class Settings:
             need(getattr(self, name) >= 1, name, "use a whole number of at least 1")
         need(self.job_ttl_s >= 0, "job_ttl_s", "use 0 (keep forever) or a number of seconds")
         need(self.max_data_bytes >= 0, "max_data_bytes", "use 0 (no cap) or a number of bytes")
+        need(0 <= self.inline_filter_ms <= 1000, "inline_filter_ms",
+             "use 0 (always the pool) up to 1000 ms")
         for name in ("task_timeout_s", "heartbeat_interval_s", "rescan_interval_s",
                      "metrics_interval_s", "gateway_timeout_s", "max_wait_s",
                      "sweep_interval_s", "header_timeout_s", "max_job_cost",

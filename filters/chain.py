@@ -22,7 +22,14 @@ from imgpipe.filters.codec import DEFAULT_MAX_PIXELS, EncodeParams
 from imgpipe.filters.geometry import ResizeParams, resize_scale, resize_size
 from imgpipe.filters.params import ParamError, Params, infos, quote
 from imgpipe.filters.pixels import Image, check_image
-from imgpipe.filters.registry import CODEC_MS_PER_MP, REGISTRY, Cost, FilterSpec, step_ms_per_mp
+from imgpipe.filters.registry import (
+    CODEC_MS_PER_MP,
+    REGISTRY,
+    STEP_MS_4K,
+    Cost,
+    FilterSpec,
+    step_ms_per_mp,
+)
 
 MAX_FILTERS = 12
 MAX_SPEC_CHARS = 4096
@@ -113,16 +120,32 @@ def estimate_ms(chain: Chain, width: int, height: int) -> float:
     larger of its input and output in megapixels, so an enlarging resize is charged
     for the pixels it makes and a filter after it for the pixels it gets.
     """
+    decode = CODEC_MS_PER_MP * width * height / 1e6
+    total, width, height = filters_ms(chain, width, height)
     mp = width * height / 1e6
-    total = CODEC_MS_PER_MP * mp
+    if chain.encode is not None:  # an encode dearer than JPEG's (AVIF) pays the difference
+        total += step_ms_per_mp("encode", Step("encode", chain.encode).cost) * mp
+    return decode + total + CODEC_MS_PER_MP * mp
+
+
+def filters_ms(chain: Chain, width: int, height: int) -> tuple[float, int, int]:
+    """Estimated CPU milliseconds of the chain's steps on a ``width``×``height`` frame
+    (no decode, no encode), and the size they make. A resize to the size it is given
+    costs nothing (it returns its input: the reduced decode already made that size)."""
+    mp = width * height / 1e6
+    total = 0.0
     for step in chain.steps:
         nw, nh = _next_size(step, width, height, None)
         new_mp = nw * nh / 1e6
-        total += step_ms_per_mp(step.name, step.cost) * max(mp, new_mp)
+        if not (step.name == "resize" and (nw, nh) == (width, height)):
+            total += step_ms_per_mp(step.name, step.cost) * max(mp, new_mp)
         width, height, mp = nw, nh, new_mp
-    if chain.encode is not None:  # an encode dearer than JPEG's (AVIF) pays the difference
-        total += step_ms_per_mp("encode", Step("encode", chain.encode).cost) * mp
-    return total + CODEC_MS_PER_MP * mp
+    return total, width, height
+
+
+def measured(chain: Chain) -> bool:
+    """True when every step's cost is in the measured table (not a test filter)."""
+    return all(step.name in STEP_MS_4K for step in chain.steps)
 
 
 def _next_size(step: Step, width: int, height: int, max_pixels: int | None) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""One task, start to finish: decode, filter in the pool, encode, a Result.
+"""One task, start to finish: decode, filter (in the pool, or inline), encode, a Result.
 
 :func:`process_task` is the worker's per-message logic, free of sockets so a test can
 call it directly. It runs on one of the worker's slot threads; decode and encode hold
@@ -10,6 +10,11 @@ buffer, the filter process reads it there and writes its result back into the sa
 buffer (or a bigger one), and the encoder reads the result from there. Only the
 segment's name, shape and dtype cross the process boundary. A frame the worker has
 no shared memory for (ShmFull) hands the task back (``retry``) for another worker.
+
+A light chain estimated to cost less than that trip (``inline_filter_ms``: a resize
+after a reduced decode, a crop, a flip) runs on the slot thread between decode and
+encode instead, under the same gate: OpenCV releases the GIL, the frame is never
+copied, and the pool is left to the filters worth a process.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from imgpipe.core.protocol import Result, Task
 from imgpipe.filters import (
     MAX_FILTERS,
     EncodeParams,
+    apply_chain,
     content_type,
     decode_reduced,
     encode,
     output_format,
     parse_chain,
 )
+from imgpipe.filters.chain import filters_ms, measured
 from imgpipe.workers.pool import DeadlineExceeded, FilterFailed, FilterPool, PoolError, ProcessDied
 from imgpipe.workers.shm import Buffer, BufferSet, ShmFull
 
@@ -47,6 +54,7 @@ class Options:
     max_filters: int = MAX_FILTERS
     delay_ms: int = 0
     gate: Any = field(default_factory=contextlib.nullcontext)
+    inline_ms: float = 0.0
 
 
 def process_task(task: Task, pool: FilterPool, buffers: BufferSet, opts: Options, *,
@@ -67,11 +75,7 @@ def process_task(task: Task, pool: FilterPool, buffers: BufferSet, opts: Options
         chain = parse_chain(task.ops, max_filters=opts.max_filters)
         if opts.delay_ms:
             time.sleep(opts.delay_ms / 1000)
-        buf = buffers.acquire()
-        try:
-            _run(task, chain, pool, buf, opts, result)
-        finally:
-            buffers.release(buf)
+        _run(task, chain, pool, buffers, opts, result)
     except (ImageError, FilterError, FilterFailed) as exc:
         result.error = _message(exc)
     except (DeadlineExceeded, ProcessDied) as exc:
@@ -88,44 +92,79 @@ def process_task(task: Task, pool: FilterPool, buffers: BufferSet, opts: Options
     return result
 
 
-def _run(task: Task, chain: Any, pool: FilterPool, buf: Buffer, opts: Options,
+def _run(task: Task, chain: Any, pool: FilterPool, buffers: BufferSet, opts: Options,
          result: Result) -> None:
     timings = result.timings
     with opts.gate:
         t = time.perf_counter()
-        shape, dtype, fmt_in = decode_into(task.payload, chain, buf, opts.max_pixels)
+        img, fmt_in = decode_checked(task.payload, chain, opts.max_pixels)
         timings["decode"] = (time.perf_counter() - t) * 1000
-    t = time.perf_counter()
-    out = pool.run(buf.name, shape, dtype, chain.canonical(), deadline=task.deadline,
-                   max_pixels=opts.max_pixels, grow=lambda nbytes: _grow(buf, nbytes))
-    timings["filters"] = (time.perf_counter() - t) * 1000
+        inline = runs_inline(chain, img, opts.inline_ms)
+        if inline:  # cheaper than the hop: on this thread, the GIL released in OpenCV
+            t = time.perf_counter()
+            out = apply_chain(img, chain, max_pixels=opts.max_pixels)
+            timings["filters"] = (time.perf_counter() - t) * 1000
+            del img
+            _encode(out, chain, fmt_in, result)
+            return
+    buf = buffers.acquire()
+    try:
+        with opts.gate:
+            shape, dtype = copy_into(img, chain, buf, opts.max_pixels)
+            del img
+        t = time.perf_counter()
+        done = pool.run(buf.name, shape, dtype, chain.canonical(), deadline=task.deadline,
+                        max_pixels=opts.max_pixels, grow=lambda nbytes: _grow(buf, nbytes))
+        timings["filters"] = (time.perf_counter() - t) * 1000
+        with opts.gate:
+            assert buf.shm is not None and buf.shm.name == done.seg
+            view = np.ndarray(done.shape, dtype=np.dtype(done.dtype), buffer=buf.shm.buf)
+            try:
+                _encode(view, chain, fmt_in, result)
+            finally:
+                del view
+    finally:
+        buffers.release(buf)
+
+
+def runs_inline(chain: Any, img: np.ndarray, inline_ms: float) -> bool:
+    """True when ``chain`` on ``img`` is light, made of measured filters (a test filter
+    that kills its process stays in the pool) and estimated under ``inline_ms``:
+    cheaper than the trip to a pool process and back."""
+    if inline_ms <= 0 or chain.cost == "heavy" or not measured(chain):
+        return False
+    height, width = img.shape[:2]
+    return filters_ms(chain, width, height)[0] <= inline_ms
+
+
+def _encode(img: np.ndarray, chain: Any, fmt_in: str, result: Result) -> None:
     enc = chain.encode or EncodeParams()
     fmt = output_format(fmt_in, enc.format)
-    with opts.gate:
-        t = time.perf_counter()
-        assert buf.shm is not None and buf.shm.name == out.seg
-        img = np.ndarray(out.shape, dtype=np.dtype(out.dtype), buffer=buf.shm.buf)
-        try:
-            data = encode(img, fmt, enc.quality)
-        finally:
-            del img
-        timings["encode"] = (time.perf_counter() - t) * 1000
+    t = time.perf_counter()
+    data = encode(img, fmt, enc.quality)
+    result.timings["encode"] = (time.perf_counter() - t) * 1000
     result.ok = True
     result.payload = data
-    result.height, result.width = int(out.shape[0]), int(out.shape[1])
+    result.height, result.width = int(img.shape[0]), int(img.shape[1])
     result.format = fmt
     result.content_type = content_type(fmt)
 
 
-def decode_into(data: Any, chain: Any, buf: Buffer, max_pixels: int
-                ) -> tuple[tuple[int, ...], str, str]:
-    """Decode ``data`` (reduced when the chain allows it) into ``buf``; shape, dtype, format.
+def decode_checked(data: Any, chain: Any, max_pixels: int) -> tuple[np.ndarray, str]:
+    """Decode ``data`` (reduced when the chain allows it); the frame and its format.
 
     The pixel limit is checked from the header before anything is decoded, for the
-    input and for every step's output size. The buffer is sized for the larger of the
-    frame and the chain's output, so the filter process rarely has to ask for more.
-    """
+    input and for every step's output size."""
     img, info = decode_reduced(data, chain.reduce_factor, max_pixels=max_pixels)
+    height, width = img.shape[:2]
+    chain.output_size(width, height, max_pixels=max_pixels)
+    return img, info.format
+
+
+def copy_into(img: np.ndarray, chain: Any, buf: Buffer, max_pixels: int
+              ) -> tuple[tuple[int, ...], str]:
+    """Copy the frame into ``buf``, sized for the larger of the frame and the chain's
+    output so the filter process rarely has to ask for more; its shape and dtype."""
     height, width = img.shape[:2]
     out_w, out_h = chain.output_size(width, height, max_pixels=max_pixels)
     channels = img.shape[2] if img.ndim == 3 else 1
@@ -135,7 +174,7 @@ def decode_into(data: Any, chain: Any, buf: Buffer, max_pixels: int
         np.copyto(view, img)
     finally:
         del view
-    return tuple(img.shape), img.dtype.str, info.format
+    return tuple(img.shape), img.dtype.str
 
 
 def _grow(buf: Buffer, nbytes: int) -> str:

@@ -64,7 +64,8 @@ SUBSCRIBER_WAIT_S = 2.0
 # OpenCV threads inside each filter process; see docs/worker.md for the measurements.
 POOL_CV2_THREADS = 1
 
-FLAGS = ("worker_serves", "worker_processes", "worker_threads", "worker_slots", "shm_dir",
+FLAGS = ("worker_serves", "worker_processes", "worker_threads", "worker_slots",
+         "inline_filter_ms", "shm_dir",
          "data_dir", "light_task_endpoint", "heavy_task_endpoint", "result_endpoint",
          "bus_endpoint", "dashboard_bus_endpoint", "heartbeat_interval_s",
          "metrics_interval_s", "log_level")
@@ -155,7 +156,8 @@ class TaskLoop:
         self.opts = Options(worker=stats.worker, max_pixels=settings.max_pixels,
                             max_filters=settings.max_filters,
                             delay_ms=settings.worker_delay_ms if settings.test_hooks else 0,
-                            gate=threading.BoundedSemaphore(settings.worker_threads))
+                            gate=threading.BoundedSemaphore(settings.worker_threads),
+                            inline_ms=settings.inline_filter_ms)
         self.active: dict[int, Task] = {}  # serial -> task taken, result not yet sent
         self.finished: queue.SimpleQueue[tuple[int, Result]] = queue.SimpleQueue()
         self.outbox: deque[tuple[int, Result]] = deque()

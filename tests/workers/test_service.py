@@ -163,6 +163,32 @@ def test_heavy_worker_takes_heavy_tasks_only_and_sigkill_leaves_nothing_after_sw
                              for c in children), 15, what="orphaned pool processes gone")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_chain_cheaper_than_the_hop_runs_inline_and_the_rest_in_the_pool(
+        rig_factory: Any) -> None:
+    rig = rig_factory("--worker-slots", "1", "--inline-filter-ms", "4")
+    rig.heartbeat()
+    # 4K to 1920x1080: the reduced decode makes that size, the resize is free; a flip
+    # or a grayscale of it is a ms or two: no pool, no shared memory, no pipe traffic.
+    photo = jpeg(3840, 2160, seed=5)
+    inline = {"t1": "resize:w=1920,h=1080", "t2": "resize:w=1920,h=1080|flip",
+              "t3": "resize:w=960|grayscale|encode:format=png"}
+    for tid, ops in inline.items():
+        rig.send(task(tid, photo, ops))
+        r = rig.result()
+        assert r.ok, r.error
+        assert bytes(r.payload) == reference(photo, ops), tid
+    m = rig.metric(lambda m: m.values["tasks_done"] == 3)
+    assert m.values["ipc_bytes"] == 0 and m.values["shm_bytes"] == 0
+    # A blur of the 2 MP frame is estimated above 4 ms: through the pool.
+    rig.send(task("t4", photo, "resize:w=1920,h=1080|blur:radius=2"))
+    r = rig.result()
+    assert r.ok and bytes(r.payload) == reference(photo, "resize:w=1920,h=1080|blur:radius=2")
+    m = rig.metric(lambda m: m.values["tasks_done"] == 4)
+    assert m.values["ipc_bytes"] > 0 and m.values["shm_bytes"] >= 1920 * 1080 * 3
+
+
 def occupy(directory: Path, nbytes: int) -> Path:
     """Another tenant's file in a shm dir, its pages really taken."""
     path = directory / "another-tenant"
@@ -180,7 +206,9 @@ def test_a_frame_that_does_not_fit_the_shm_goes_back_and_the_worker_stays_up(
         tmpfs: Callable[[str], Path], rig_factory: Any) -> None:
     small = tmpfs("40m")  # a container's /dev/shm, smaller still
     # 8 MP: up to 31 MB a slot, so 40 MB holds one slot of the two asked for.
-    rig = rig_factory("--worker-slots", "2", "--shm-dir", str(small), max_pixels=8_000_000)
+    # Every chain through the pool (an invert is cheap enough to run inline otherwise).
+    rig = rig_factory("--worker-slots", "2", "--shm-dir", str(small), "--inline-filter-ms", "0",
+                      max_pixels=8_000_000)
     pid = rig.proc.pid
     hb = rig.heartbeat()
     assert (hb.slots, hb.free) == (1, 1)
