@@ -115,6 +115,7 @@ def _run(task: Task, chain: Any, pool: FilterPool, buf: Buffer, opts: Options,
     result.height, result.width = int(out.shape[0]), int(out.shape[1])
     result.format = fmt
     result.content_type = content_type(fmt)
+    result.gravity = out.gravity
 
 
 def decode_into(data: Any, chain: Any, buf: Buffer, max_pixels: int
