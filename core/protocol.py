@@ -15,7 +15,8 @@ Frame layout (multipart, no pickle anywhere)::
 :func:`encode` turns a message into frames; :func:`decode` turns frames back into a
 message and raises :class:`ProtocolError` for anything else: missing or extra frames,
 bad JSON, a wrong version, an unknown kind, a missing or mistyped field (element types
-of lists and maps included), ``NaN`` or infinite numbers, a header over
+of lists and maps included), a value outside a ``Literal`` field's few known ones,
+``NaN`` or infinite numbers, a header over
 :data:`MAX_HEADER_BYTES` or nested deeper than :data:`MAX_DEPTH`. Nothing a peer sends
 makes it raise anything else, so a receive loop that catches ``ProtocolError`` per
 message cannot be stopped by a frame.
@@ -25,10 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from imgpipe.core.errors import ProtocolError
 
@@ -44,6 +46,12 @@ TOPIC_DONE = b"done"
 
 STAGES = ("queue", "decode", "filters", "encode", "total")
 WORK_STAGES = STAGES[:-1]  # the parts of a task's time; "total" is their span
+
+GravityNote = Literal["smart", "center"]
+"""Where the smart-gravity steps of an output's chain put their window: ``smart`` when
+every one was placed by the interest score, ``center`` when one fell back to the centre
+(no interest: a flat image). An output without such a placement has none (``None``)."""
+GRAVITY_NOTES: tuple[GravityNote, ...] = typing.get_args(GravityNote)
 
 
 def _payload() -> Any:
@@ -93,6 +101,8 @@ class Result(Message):
     passed): the sink does not finish the output but publishes ``Done(state="retry")``
     so the ventilator dispatches it again (up to ``max_attempts``). A failure without
     ``retry`` (corrupt image, a filter refusing its input) is final at once.
+    ``gravity`` is the :data:`GravityNote` of a done output whose chain placed a window
+    by ``gravity=smart``, else ``None``.
     """
 
     kind: ClassVar[str] = "result"
@@ -111,6 +121,7 @@ class Result(Message):
     timings: dict[str, float] = field(default_factory=dict)
     retry: bool = False
     lease: str = ""  # the task's token, without which the sink drops the result
+    gravity: GravityNote | None = None
     payload: Any = _payload()
 
 
@@ -230,7 +241,8 @@ TOPICS: dict[type[Message], bytes] = {
 }
 
 _BASE = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,),
-         dict: (dict,)}
+         dict: (dict,), type(None): (type(None),)}
+_UNIONS = (typing.Union, types.UnionType)
 
 
 def encode(msg: Message) -> list[Any]:
@@ -326,7 +338,12 @@ def _schema(cls: type[Message]) -> tuple[Field, ...]:
 
 def _is(value: Any, base: Any, args: tuple[Any, ...]) -> bool:
     """Whether a JSON value fits a field's type: ``int``, ``float`` (ints too), ``str``,
-    ``bool``, ``list[T]``, ``dict[str, T]`` or ``Any``; a bool is never a number."""
+    ``bool``, ``list[T]``, ``dict[str, T]``, ``Literal[...]`` (one of its values, of the
+    same type), ``T | None`` or ``Any``; a bool is never a number."""
+    if base is Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if base in _UNIONS:
+        return any(_is(value, typing.get_origin(a) or a, typing.get_args(a)) for a in args)
     allowed = _BASE.get(base)
     if allowed is None:
         return True  # Any: whatever JSON holds (depth and size are bounded in _header)
@@ -344,6 +361,13 @@ def _is(value: Any, base: Any, args: tuple[Any, ...]) -> bool:
 
 
 def _describe(base: Any, args: tuple[Any, ...]) -> str:
+    if base is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if base in _UNIONS:
+        return " or ".join(_describe(typing.get_origin(a) or a, typing.get_args(a))
+                           for a in args)
+    if base is type(None):
+        return "null"
     name = getattr(base, "__name__", str(base))
     return f"{name}[{', '.join(getattr(a, '__name__', str(a)) for a in args)}]" if args else name
 

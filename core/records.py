@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from imgpipe.core.errors import ImgpipeError
+from imgpipe.core.protocol import GravityNote
 
 FINAL = ("done", "failed")  # final output states
 FINAL_JOB = ("done", "failed", "partial")  # final job states
@@ -111,6 +112,9 @@ class Output:
     finished_at: float | None = None
     timings_ms: dict[str, float | None] = field(default_factory=dict)
     cached: bool = False  # done at once from the result cache; no worker touched it
+    gravity: GravityNote | None = None
+    """Where ``gravity=smart`` steps put their window (``smart`` or ``center``, see
+    :data:`~imgpipe.core.protocol.GravityNote`); None when no step placed one by it."""
 
 
 @dataclass(frozen=True, slots=True)

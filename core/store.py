@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from imgpipe.core.blobs import Blobs
-from imgpipe.core.protocol import STAGES
+from imgpipe.core.protocol import STAGES, GravityNote
 from imgpipe.core.records import (
     FINAL,
     FINAL_JOB,
@@ -121,6 +121,7 @@ _ADDED_COLUMNS = (
     ("images", "sha256", "TEXT NOT NULL DEFAULT ''"),
     ("outputs", "cached", "INTEGER NOT NULL DEFAULT 0"),
     ("outputs", "cache_key", "TEXT"),
+    ("outputs", "gravity", "TEXT"),  # records.Output.gravity: 'smart', 'center' or NULL
 )
 TOMBSTONE_S = 86400.0  # how long an expired job answers 410 before it is unknown (a row each)
 COUNTERS = ("jobs", "outputs", "done", "failed", "retries", "cache_hits", "cache_misses",
@@ -278,11 +279,12 @@ class Store:
                 " cache_key) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)", rows)
             db.executemany(
                 "INSERT INTO outputs (task_id, job_id, n, image, ops, cost, state, queued_at,"
-                " finished_at, width, height, bytes, content_type, format, cached, t_queue,"
-                " t_decode, t_filters, t_encode, t_total)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, 1, 0, 0, 0, 0, 0)",
+                " finished_at, width, height, bytes, content_type, format, gravity, cached,"
+                " t_queue, t_decode, t_filters, t_encode, t_total)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, 1, 0, 0, 0, 0, 0)",
                 [(task_id(job_id, n), job_id, n, i, ops, cost, now, now, src["width"],
-                  src["height"], src["bytes"], src["content_type"], src["format"])
+                  src["height"], src["bytes"], src["content_type"], src["format"],
+                  src["gravity"])
                  for src, n, i, ops, cost in hits])
             looked = total if cache else 0
             _bump(db, jobs=1, outputs=total, done=done, bytes=originals + cached_bytes,
@@ -400,16 +402,17 @@ class Store:
     # --- the sink's side ---------------------------------------------------------------------
     def complete(self, tid: str, data: bytes | memoryview, *, worker: str, attempt: int,
                  width: int, height: int, content_type: str, fmt: str,
-                 timings: dict[str, float], now: float | None = None) -> str | None:
+                 timings: dict[str, float], now: float | None = None,
+                 gravity: GravityNote | None = None) -> str | None:
         """Write the output's file, then mark it done: the job's new state, or None when
         the output was already final (a file written for an output that failed
-        meanwhile is removed again)."""
+        meanwhile is removed again). ``gravity`` is the output's smart-gravity note."""
         job_id, n = split_task_id(tid)
         path = self._blobs.write_output(job_id, n, fmt, data)
         state = self._finish(tid, "done", now=now, nbytes=len(data), worker=worker,
                              attempts=attempt, width=width, height=height, bytes=len(data),
                              content_type=content_type, format=fmt, error=None,
-                             **_timing_fields(timings))
+                             gravity=gravity, **_timing_fields(timings))
         if state is None and self.output(job_id, n).state == "failed":
             path.unlink(missing_ok=True)
         return state
@@ -565,7 +568,7 @@ def _output(r: sqlite3.Row) -> Output:
         worker=r["worker"], width=r["width"], height=r["height"], nbytes=r["bytes"],
         content_type=r["content_type"], format=r["format"], error=r["error"],
         dispatched_at=r["dispatched_at"], finished_at=r["finished_at"],
-        timings_ms=_timings(r), cached=bool(r["cached"]))
+        timings_ms=_timings(r), cached=bool(r["cached"]), gravity=r["gravity"])
 
 
 def _owns(row: sqlite3.Row, owner: str | None) -> bool:

@@ -30,6 +30,7 @@ from imgpipe.filters.registry import (
     FilterSpec,
     step_ms_per_mp,
 )
+from imgpipe.filters.smartcrop import recording
 
 MAX_FILTERS = 12
 MAX_SPEC_CHARS = 4096
@@ -162,18 +163,24 @@ def _next_size(step: Step, width: int, height: int, max_pixels: int | None) -> t
     return width, height
 
 
-def apply_chain(img: Image, chain: Chain, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image:
+def apply_chain(img: Image, chain: Chain, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                gravities: list[str] | None = None) -> Image:
     """Run the steps in order; the input is never modified.
 
     Before a step that changes the size, its output size is checked against
-    ``max_pixels`` so that no step allocates more than the limit allows.
+    ``max_pixels`` so that no step allocates more than the limit allows. ``gravities``,
+    when given, gets the gravity each ``smart`` placement used, in order: ``"smart"``
+    or ``"center"`` (see :func:`~imgpipe.filters.smartcrop.recording`).
     """
     check_image(img)
     img = np.ascontiguousarray(img)
-    for step in chain.steps:
-        height, width = img.shape[:2]
-        _next_size(step, width, height, max_pixels)
-        img = step.spec.fn(img, step.params)
+    with recording() as used:
+        for step in chain.steps:
+            height, width = img.shape[:2]
+            _next_size(step, width, height, max_pixels)
+            img = step.spec.fn(img, step.params)
+    if gravities is not None:
+        gravities.extend(used)
     return img
 
 

@@ -7,9 +7,19 @@ saturation, and the window of the requested size with the most interest wins, ti
 going to the one nearest the centre. An image with no interest anywhere (flat, or
 interest spread evenly) falls back to the centre. No face detector is used: the
 installed OpenCV ships no Haar cascades and nothing is downloaded.
+
+Which of the two a ``smart`` placement did is kept for whoever asked inside
+:func:`recording` (the chain, for the job document): ``"smart"`` when the interest
+score placed the window, ``"center"`` when it fell back. Filters keep their
+``(img, params) -> img`` shape; the note travels beside them in a context variable
+and costs one list append.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import cv2
 import numpy as np
@@ -36,6 +46,21 @@ _SKIN_RGB = np.array([0.78, 0.57, 0.44], dtype=np.float32)  # smartcrop.js skinC
 _SKIN_WEIGHT = 1.8
 _SAT_WEIGHT = 0.3
 
+_placements: ContextVar[list[str] | None] = ContextVar("smart_placements", default=None)
+
+
+@contextmanager
+def recording() -> Iterator[list[str]]:
+    """Collect, in order, the gravity each ``smart`` placement in this context used:
+    ``"smart"`` (placed by interest) or ``"center"`` (fell back: no interest). A
+    window as large as the image is not placed, so it adds nothing."""
+    used: list[str] = []
+    token = _placements.set(used)
+    try:
+        yield used
+    finally:
+        _placements.reset(token)
+
 
 def place(img: Image, cw: int, ch: int, gravity: str) -> tuple[int, int]:
     """Top-left (x, y) of a cw×ch window (each at most the image's side) by ``gravity``."""
@@ -44,7 +69,11 @@ def place(img: Image, cw: int, ch: int, gravity: str) -> tuple[int, int]:
     if free_x <= 0 and free_y <= 0:
         return 0, 0
     if gravity == "smart":
-        return _smart(img, cw, ch)
+        x, y, used = _smart(img, cw, ch)
+        record = _placements.get()
+        if record is not None:
+            record.append(used)
+        return x, y
     fx = 0.0 if "west" in gravity else 1.0 if "east" in gravity else 0.5
     fy = 0.0 if "north" in gravity else 1.0 if "south" in gravity else 0.5
     return int(free_x * fx), int(free_y * fy)
@@ -76,7 +105,8 @@ def interest(img: Image) -> np.ndarray:
     return score.astype(np.float32)
 
 
-def _smart(img: Image, cw: int, ch: int) -> tuple[int, int]:
+def _smart(img: Image, cw: int, ch: int) -> tuple[int, int, str]:
+    """(x, y, "smart") by interest, or the centre window with "center" when there is none."""
     height, width = img.shape[:2]
     s = min(1.0, ANALYSIS_SIDE / max(width, height))
     small: np.ndarray = img
@@ -90,7 +120,7 @@ def _smart(img: Image, cw: int, ch: int) -> tuple[int, int]:
     cx = width // 2 - cw // 2
     cy = height // 2 - ch // 2
     if float(score.max()) < FLAT_INTEREST:
-        return cx, cy
+        return cx, cy, "center"
     # Window size on the small copy; every position scored from one summed-area table.
     ww = min(sw, max(1, round(cw * sw / width)))
     wh = min(sh, max(1, round(ch * sh / height)))
@@ -98,10 +128,10 @@ def _smart(img: Image, cw: int, ch: int) -> tuple[int, int]:
     sums = sat[wh:, ww:] - sat[:-wh, ww:] - sat[wh:, :-ww] + sat[:-wh, :-ww]
     best = float(sums.max())
     if best - float(sums.min()) <= 1e-6 * max(best, 1.0):
-        return cx, cy  # every window is as interesting as every other
+        return cx, cy, "center"  # every window is as interesting as every other
     ys, xs = np.nonzero(sums >= best * (1 - 1e-6))
     ccx, ccy = (sw - ww) / 2, (sh - wh) / 2
     i = int(np.argmin((xs - ccx) ** 2 + (ys - ccy) ** 2))
     x = min(width - cw, max(0, round(int(xs[i]) * width / sw)))
     y = min(height - ch, max(0, round(int(ys[i]) * height / sh)))
-    return x, y
+    return x, y, "smart"

@@ -25,7 +25,7 @@ def output_doc(o: Output) -> dict[str, Any]:
         "url": output_url(o.job_id, o.n),
         "width": o.width, "height": o.height, "bytes": o.nbytes,
         "content_type": o.content_type, "worker": o.worker, "attempts": o.attempts,
-        "cached": o.cached,
+        "cached": o.cached, "gravity": o.gravity,
         "timings_ms": dict(o.timings_ms),
         "error": o.error,
     }

@@ -11,6 +11,7 @@ from typing import Any
 import falcon
 
 from imgpipe.core.config import Settings
+from imgpipe.core.protocol import GRAVITY_NOTES
 
 JSON = "application/json"
 
@@ -60,6 +61,13 @@ SCHEMAS: dict[str, Any] = {
                    "worker": _nullable("string"), "attempts": {"type": "integer"},
                    "cached": {"type": "boolean", "description": "done at once from the "
                               "result cache (same image bytes, same chain)"},
+                   "gravity": _nullable(
+                       "string", enum=[*GRAVITY_NOTES, None],
+                       description="where the chain's gravity=smart steps put their window: "
+                       "smart when every one was placed by interest, center when one fell "
+                       "back to the centre (a flat image); null when no step placed one "
+                       "that way (no smart step, a window as large as the image, or the "
+                       "output is not done)"),
                    "timings_ms": _ref("Timings"), "error": _nullable("string")}},
     "Progress": {"type": "object", "required": ["done", "failed", "total"], "properties": {
         k: {"type": "integer", "minimum": 0} for k in ("done", "failed", "total")}},

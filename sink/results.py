@@ -110,7 +110,7 @@ class ResultHandler:
         state = self.store.complete(
             res.task_id, res.payload, worker=res.worker, attempt=res.attempt,
             width=res.width, height=res.height, content_type=content_type(res.format),
-            fmt=res.format, timings=res.timings)
+            fmt=res.format, timings=res.timings, gravity=res.gravity)
         if state is None:
             return self._duplicate(res, base)
         c.write_ms.append((time.perf_counter() - t0) * 1000)

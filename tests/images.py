@@ -46,6 +46,20 @@ def png(width: int, height: int, seed: int = 0) -> bytes:
     return buf.tobytes()
 
 
+def detail_png(width: int, height: int, *, flat: bool = False) -> bytes:
+    """A plain gray PNG with a noisy square (a fifth of the height) near its top-right
+    corner, the detail smart gravity finds; ``flat``: the plain gray alone."""
+    img = np.full((height, width, 3), 180, np.uint8)
+    if not flat:
+        side = max(2, height // 5)
+        x, y = width - 2 * side, side // 2
+        img[y : y + side, x : x + side] = np.random.default_rng(7).integers(
+            0, 256, (side, side, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".png", img)
+    assert ok
+    return buf.tobytes()
+
+
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     """One PNG chunk: length, type, data, CRC."""
     return (struct.pack(">I", len(data)) + kind + data

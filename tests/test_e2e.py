@@ -9,7 +9,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.images import jpeg, reference
+from tests.images import detail_png, jpeg, reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -78,3 +78,23 @@ def test_a_burst_of_4k_images_keeps_memory_bounded(stack_factory: Any) -> None:
     # A decoded 4K frame is 25 MB; a worker holds at most `slots` of them plus the
     # pool's copies. 600 MB per process is far above that and far below 48 frames.
     assert max(peak_rss.values()) < 600 * 1024 * 1024, peak_rss
+
+
+def test_the_job_document_says_where_smart_gravity_put_each_window(stack_factory: Any) -> None:
+    """Detail off centre on a plain background -> smart; a flat image -> center; a chain
+    without smart gravity -> null. A repeat served from the cache says the same."""
+    stack = stack_factory(1)
+    images = [detail_png(640, 360), detail_png(640, 360, flat=True)]
+    chains = ["crop:w=200,h=150,gravity=smart", "resize:w=96,h=96,fit=cover,gravity=smart",
+              "crop:w=200,h=150,gravity=east|grayscale"]
+    want = ["smart", "smart", None, "center", "center", None]  # image-major
+    for cached in (False, True):
+        resp = post(stack.url, images, chains, wait=120)
+        assert resp.status_code == 200, resp.text
+        job = resp.json()
+        assert job["state"] == "done", job
+        outs = job["outputs"]
+        assert [o["gravity"] for o in outs] == want, outs
+        assert all(o["cached"] is cached for o in outs), outs
+        again = httpx.get(f"{stack.url}/api/jobs/{job['id']}", timeout=30).json()
+        assert [o["gravity"] for o in again["outputs"]] == want

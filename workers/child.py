@@ -5,8 +5,9 @@ is unpickled and nothing large can cross by accident: a request names a segment,
 shape, a dtype and the canonical ops string; the pixels stay where they are.
 
 Request ``{"seg", "shape", "dtype", "ops", "max_pixels"}`` -> reply ``{"ok": true, "shape", "dtype",
-"ms"}`` once the result sits at the start of the same segment, or ``{"ok": false,
-"error"}`` when the chain raised. A result larger than the segment is answered
+"ms", "gravity"}`` once the result sits at the start of the same segment, or ``{"ok": false,
+"error"}`` when the chain raised. ``gravity`` is what the chain's ``gravity=smart``
+placements did (:func:`gravity_note`). A result larger than the segment is answered
 ``{"need": nbytes}`` first; the worker replies ``{"seg": bigger}`` and the result is
 copied there (the worker owns every segment's life; this process only maps them), or
 ``{"seg": null}`` when it has no room for one, and the result is dropped.
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from imgpipe.core.protocol import GravityNote
 from imgpipe.filters import apply_chain, parse_chain
 from imgpipe.workers.shm import SHM_DIR, attach
 
@@ -82,7 +84,9 @@ def run_job(req: dict[str, Any], maps: Mappings, conn: Connection) -> dict[str, 
     img = np.ndarray(tuple(req["shape"]), dtype=np.dtype(req["dtype"]), buffer=mm)
     try:
         chain = parse_chain(req["ops"], max_filters=64)  # the worker enforced the limit
-        out = np.ascontiguousarray(apply_chain(img, chain, max_pixels=int(req["max_pixels"])))
+        used: list[str] = []
+        out = np.ascontiguousarray(apply_chain(img, chain, max_pixels=int(req["max_pixels"]),
+                                               gravities=used))
     except Exception as exc:  # noqa: BLE001 - any filter failure is this task's, not ours
         log.debug("chain %s failed", req["ops"], exc_info=True)
         return {"ok": False, "error": _message(exc)}
@@ -100,7 +104,15 @@ def run_job(req: dict[str, Any], maps: Mappings, conn: Connection) -> dict[str, 
     np.copyto(dst, out)
     del dst
     return {"ok": True, "shape": list(out.shape), "dtype": out.dtype.str,
-            "ms": (time.perf_counter() - start) * 1000}
+            "ms": (time.perf_counter() - start) * 1000, "gravity": gravity_note(used)}
+
+
+def gravity_note(used: list[str]) -> GravityNote | None:
+    """One note for an output from its chain's smart placements, in order: ``smart`` only
+    when every one found interest, ``center`` when any fell back, None without any."""
+    if not used:
+        return None
+    return "smart" if all(g == "smart" for g in used) else "center"
 
 
 def _message(exc: BaseException) -> str:

@@ -40,6 +40,7 @@ from imgpipe.filters import (
     parse_chain,
 )
 from imgpipe.filters.chain import filters_ms, measured
+from imgpipe.workers.child import gravity_note
 from imgpipe.workers.pool import DeadlineExceeded, FilterFailed, FilterPool, PoolError, ProcessDied
 from imgpipe.workers.shm import Buffer, BufferSet, ShmFull
 
@@ -102,10 +103,12 @@ def _run(task: Task, chain: Any, pool: FilterPool, buffers: BufferSet, opts: Opt
         inline = runs_inline(chain, img, opts.inline_ms)
         if inline:  # cheaper than the hop: on this thread, the GIL released in OpenCV
             t = time.perf_counter()
-            out = apply_chain(img, chain, max_pixels=opts.max_pixels)
+            used: list[str] = []
+            out = apply_chain(img, chain, max_pixels=opts.max_pixels, gravities=used)
             timings["filters"] = (time.perf_counter() - t) * 1000
             del img
             _encode(out, chain, fmt_in, result)
+            result.gravity = gravity_note(used)
             return
     buf = buffers.acquire()
     try:
@@ -123,6 +126,7 @@ def _run(task: Task, chain: Any, pool: FilterPool, buffers: BufferSet, opts: Opt
                 _encode(view, chain, fmt_in, result)
             finally:
                 del view
+        result.gravity = done.gravity
     finally:
         buffers.release(buf)
 

@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+from imgpipe.core.protocol import GRAVITY_NOTES, GravityNote
 from imgpipe.filters import DEFAULT_MAX_PIXELS
 from imgpipe.workers import child
 from imgpipe.workers.shm import SHM_DIR
@@ -59,6 +60,7 @@ class FilterOutput:
     ms: float
     seg: str
     ipc_bytes: int
+    gravity: GravityNote | None = None  # what the chain's smart placements did
 
 
 @dataclass
@@ -134,8 +136,10 @@ class FilterPool:
                 self.ipc_bytes += sent
             if not reply.get("ok"):
                 raise FilterFailed(str(reply.get("error") or "filter failed"))
+            gravity = reply.get("gravity")
             return FilterOutput(shape=tuple(reply["shape"]), dtype=str(reply["dtype"]),
-                                ms=float(reply["ms"]), seg=seg, ipc_bytes=sent)
+                                ms=float(reply["ms"]), seg=seg, ipc_bytes=sent,
+                                gravity=gravity if gravity in GRAVITY_NOTES else None)
         finally:
             self._checkin(member, keep)
 

@@ -42,6 +42,8 @@ SAMPLES = [
     Done(task_id="j:0", job_id="j", n=0, state="done", job_state="running"),
     Request(op="workers"),
     Reply(ok=True, data=[{"id": "w"}]),
+    Result(task_id="j:2", job_id="j", n=2, attempt=1, worker="w", ok=True, format="jpeg",
+           gravity="center", payload=b"JPEG"),
 ]
 
 
@@ -106,6 +108,8 @@ def _header(**fields: Any) -> bytes:
     ([_header(kind="notice", job_id="j"), b"extra"], "expected 1 frame"),
     ([_header(kind="heartbeat", worker="w", host="h", pid=1, seq=1, ts=1, inflight="x")],
      "must be list"),
+    ([_header(kind="result", task_id="t", job_id="j", n=0, attempt=1, worker="w", ok=True,
+              gravity="north"), b""], "'gravity' must be one of 'smart', 'center' or null"),
 ])
 def test_malformed_frames_are_rejected(frames: list[bytes], needle: str) -> None:
     with pytest.raises(ProtocolError, match=needle):
@@ -125,3 +129,26 @@ def test_expect_refuses_other_kinds() -> None:
 def test_int_is_accepted_for_float_fields() -> None:
     msg = decode([_header(kind="claim", worker="w", task_id="t", attempt=1, ts=5)])
     assert isinstance(msg, Claim) and isinstance(msg.ts, float)
+
+
+RESULT = {"kind": "result", "task_id": "t", "job_id": "j", "n": 0, "attempt": 1,
+          "worker": "w", "ok": True}
+
+
+@pytest.mark.parametrize("value", [
+    "north", "SMART", "smart ", "", "s" * 100_000, 1, 0, True, False, 1.5, [], ["smart"],
+    {"smart": True}, {"v": "center"},
+])
+def test_a_result_with_an_unknown_gravity_note_is_refused(value: Any) -> None:
+    with pytest.raises(ProtocolError, match="'gravity' must be one of") as caught:
+        decode([_header(**RESULT, gravity=value), b"bytes"], expect=Result)
+    assert len(str(caught.value)) < 200  # the peer's value is not echoed back
+
+
+@pytest.mark.parametrize(("fields", "gravity"), [
+    ({"gravity": "smart"}, "smart"), ({"gravity": "center"}, "center"),
+    ({"gravity": None}, None), ({}, None),  # null, or an older worker that never says
+])
+def test_a_result_carries_a_known_gravity_note_or_none(fields: dict[str, Any],
+                                                       gravity: str | None) -> None:
+    assert decode([_header(**RESULT, **fields), b"bytes"], expect=Result).gravity == gravity

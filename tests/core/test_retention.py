@@ -126,6 +126,35 @@ def test_a_repeat_is_served_from_the_cache_and_cache_0_bypasses_it(tmp_path: Pat
     assert store.job(job(store, sha="abc")).outputs[0].cached is True  # the newest holds it
 
 
+def test_a_cached_output_carries_the_gravity_note_of_the_one_it_copies(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    first = job(store, sha="abc", chains=3)
+    for n, gravity in enumerate(("smart", "center", None)):
+        store.complete(task_id(first, n), PNG, worker="w", attempt=1, width=2, height=3,
+                       content_type="image/png", fmt="png", timings={}, gravity=gravity)
+    again = store.job(job(store, sha="abc", chains=3))
+    assert [(o.cached, o.gravity) for o in again.outputs] == [
+        (True, "smart"), (True, "center"), (True, None)]
+
+
+def test_an_old_database_gains_the_gravity_column(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    j = job(store, chains=1)
+    store.close()
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.execute("ALTER TABLE outputs DROP COLUMN gravity")  # as a store of the last release
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    try:
+        assert store.job(j).outputs[0].gravity is None
+        store.complete(task_id(j, 0), PNG, worker="w", attempt=1, width=2, height=3,
+                       content_type="image/png", fmt="png", timings={}, gravity="center")
+        assert store.job(j).outputs[0].gravity == "center"
+    finally:
+        store.close()
+
+
 def test_failed_outputs_are_never_reused(tmp_path: Path) -> None:
     store = Store(tmp_path)
     first = job(store, sha="abc", chains=1)

@@ -2,7 +2,8 @@
 
 Golden cases on images made here: a textured patch or a drawn object off centre on a
 plain background stays inside a smart crop; a flat image crops the centre; every fixed
-gravity puts the window where its name says.
+gravity puts the window where its name says; each smart placement reports whether the
+interest score placed it or it fell back to the centre.
 """
 
 from __future__ import annotations
@@ -154,3 +155,46 @@ def test_default_gravity_is_not_written_in_the_canonical_chain() -> None:
 def test_bad_gravity_is_a_clear_error(spec: str, needle: str) -> None:
     with pytest.raises(FilterError, match=needle.replace("|", r"\|")):
         parse_chain(spec)
+
+
+@pytest.mark.parametrize("spec", ["crop:w=200,h=150,gravity=smart",
+                                  "resize:w=100,h=100,fit=cover,gravity=smart"])
+def test_the_chain_reports_smart_on_detail_and_center_on_a_flat_image(spec: str) -> None:
+    chain = parse_chain(spec)
+    used: list[str] = []
+    out = apply_chain(with_texture(620, 300), chain, gravities=used)
+    assert used == ["smart"]
+    flat: list[str] = []
+    flat_out = apply_chain(plain(), chain, gravities=flat)
+    assert flat == ["center"]
+    assert out.shape == flat_out.shape
+
+
+def test_the_report_has_one_entry_per_smart_placement_in_order() -> None:
+    # The textured patch is placed by interest; after brightness 0 (black) the second
+    # smart crop finds none; a fixed gravity adds nothing.
+    chain = parse_chain("crop:w=300,h=200,gravity=smart|brightness:factor=0|"
+                        "crop:w=50,h=50,gravity=smart|crop:w=40,h=40,gravity=north")
+    used: list[str] = []
+    apply_chain(with_texture(600, 250), chain, gravities=used)
+    assert used == ["smart", "center"]
+
+
+@pytest.mark.parametrize("spec", ["grayscale|crop:w=200,h=100,gravity=east",
+                                  "crop:w=2000,h=1000,gravity=smart",
+                                  "resize:w=80,h=40,fit=cover,gravity=smart"])
+def test_no_smart_placement_reports_nothing(spec: str) -> None:
+    # Fixed gravities place nothing by interest; a window as large as the image (a crop
+    # larger than it, a cover box of the same aspect) is not placed at all.
+    used: list[str] = []
+    apply_chain(with_texture(100, 100), parse_chain(spec), gravities=used)
+    assert used == []
+
+
+def test_gravities_are_reported_only_to_the_chain_that_asked() -> None:
+    img = with_texture(20, 20)
+    assert place(img, 200, 150, "smart") == place(img, 200, 150, "smart")  # no recorder
+    used: list[str] = []
+    apply_chain(img, parse_chain("crop:w=200,h=150,gravity=smart"), gravities=used)
+    apply_chain(img, parse_chain("crop:w=200,h=150,gravity=smart"))
+    assert used == ["smart"]

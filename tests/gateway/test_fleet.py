@@ -132,12 +132,20 @@ def test_job_documents_match_the_openapi_schema(gateway: Any) -> None:
     import jsonschema
 
     spec = gateway.client.simulate_get("/openapi.json").json
-    body, ctype = im.multipart([im.jpeg()], ["invert", "flip"])
+    chains = ["invert", "flip", "crop:w=4,h=4,gravity=smart",
+              "resize:w=4,h=4,fit=cover,gravity=smart"]
+    body, ctype = im.multipart([im.jpeg()], chains)
     doc = gateway.post(body, ctype).json
     finish(gateway.store, doc["id"], 0)
+    finish(gateway.store, doc["id"], 2, gravity="smart")
+    finish(gateway.store, doc["id"], 3, gravity="center")
     doc = gateway.client.simulate_get(f"/api/jobs/{doc['id']}").json
+    assert [o["gravity"] for o in doc["outputs"]] == [None, None, "smart", "center"]
     schema = {"$ref": "#/components/schemas/Job", "components": spec["components"]}
     jsonschema.validate(doc, _nullable_to_31(schema))
+    doc["outputs"][2]["gravity"] = "north"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, _nullable_to_31(schema))
 
 
 def _nullable_to_31(node: Any) -> Any:

@@ -15,7 +15,15 @@ import pytest
 import zmq
 
 from imgpipe.core.config import Settings
-from imgpipe.core.protocol import Done, Metric, Notice, decode, decode_topic, encode_topic
+from imgpipe.core.protocol import (
+    Done,
+    GravityNote,
+    Metric,
+    Notice,
+    decode,
+    decode_topic,
+    encode_topic,
+)
 from imgpipe.core.records import task_id
 from imgpipe.core.sockets import make_socket
 from imgpipe.core.store import Store
@@ -28,7 +36,7 @@ DEFAULTS = ["resize:w=1920", "blur:radius=3", "brightness:factor=1.2"]
 
 
 def finish(store: Store, job_id: str, n: int, data: bytes = b"\xff\xd8fake\xff\xd9", *,
-           ok: bool = True) -> str | None:
+           ok: bool = True, gravity: GravityNote | None = None) -> str | None:
     """Do what the sink does for one output."""
     tid = task_id(job_id, n)
     if not ok:
@@ -36,7 +44,7 @@ def finish(store: Store, job_id: str, n: int, data: bytes = b"\xff\xd8fake\xff\x
     return store.complete(tid, data, worker="w-1", attempt=1, width=8, height=6,
                           content_type="image/jpeg", fmt="jpeg",
                           timings={"queue": 1.0, "decode": 2.0, "filters": 3.0,
-                                   "encode": 4.0, "total": 10.0})
+                                   "encode": 4.0, "total": 10.0}, gravity=gravity)
 
 
 def test_submit_records_the_job_and_notifies_the_ventilator(gateway: Any, zctx: Any,

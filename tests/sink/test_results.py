@@ -167,3 +167,14 @@ def test_a_result_the_disk_cannot_take_goes_back_and_leaves_nothing_done(
     filler.unlink()
     assert h.handle(big).state == "done"
     assert store.output_path(job, 0, "png").read_bytes() == bytes(big.payload)
+
+
+def test_the_gravity_note_of_a_result_is_stored_with_its_output(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = make_job(store, chains=3)
+    h = ResultHandler(store, KEY)
+    for n, gravity in enumerate(("smart", "center", None)):
+        res = result(job, n)
+        res.gravity = gravity  # type: ignore[assignment]
+        assert h.handle(res).state == "done"
+    assert [o.gravity for o in store.job(job).outputs] == ["smart", "center", None]

@@ -15,7 +15,7 @@ from imgpipe.filters import decode
 from imgpipe.workers.pipeline import Options, process_task
 from imgpipe.workers.pool import FilterPool
 from imgpipe.workers.shm import BufferSet
-from tests.images import jpeg, picture, png, reference
+from tests.images import detail_png, jpeg, picture, png, reference
 
 OPTS = Options(worker="test-1", max_pixels=50_000_000)
 
@@ -61,6 +61,24 @@ def test_avif_output_after_a_smart_cover_resize(pool: FilterPool, buffers: Buffe
     assert result.format == "avif" and result.content_type == "image/avif"
     with Image.open(io.BytesIO(bytes(result.payload))) as out:
         assert out.format == "AVIF" and out.size == (160, 160)
+
+
+@pytest.mark.parametrize(("flat", "ops", "gravity"), [
+    (False, "crop:w=200,h=150,gravity=smart", "smart"),
+    (True, "crop:w=200,h=150,gravity=smart", "center"),
+    (False, "resize:w=96,h=96,fit=cover,gravity=smart|encode:format=webp", "smart"),
+    (True, "resize:w=96,h=96,fit=cover,gravity=smart|encode:format=webp", "center"),
+    (False, "crop:w=200,h=150,gravity=smart|brightness:factor=0|crop:w=20,h=20,gravity=smart",
+     "center"),  # one smart step fell back: the output says center
+    (False, "crop:w=200,h=150,gravity=northwest|grayscale", None),
+])
+def test_the_result_says_where_smart_gravity_put_the_window(
+        pool: FilterPool, buffers: BufferSet, flat: bool, ops: str, gravity: str | None) -> None:
+    data = detail_png(640, 360, flat=flat)
+    result = process_task(task(data, ops), pool, buffers, OPTS)
+    assert result.ok, result.error
+    assert result.gravity == gravity
+    assert bytes(result.payload) == reference(data, ops)
 
 
 def test_a_corrupt_image_is_a_final_error(pool: FilterPool, buffers: BufferSet) -> None:
