@@ -60,6 +60,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help=f"comma-separated subset of {DEFAULT_MODES} (pipeline-wN also accepted)")
     p.add_argument("--probe", type=int, default=10,
                    help="one-image end-to-end latency requests (0: no probe)")
+    p.add_argument("--upload", choices=("raw", "multipart"), default="raw",
+                   help="how the pipeline mode uploads: the image as the body with ?ops= "
+                   "(raw, the default) or a multipart form")
     p.add_argument("--url", help="use this running gateway for the pipeline mode")
     p.add_argument("--scale-with", default="", metavar="CMD",
                    help="with --url: a shell command that sets the stack to {n} workers, run "
@@ -115,13 +118,15 @@ def build_modes(ns: argparse.Namespace, images: list[bytes], spec: str) -> list[
             modes.append(Limit(images, spec))
         elif name == "pipeline" and ns.url and ns.scale_with:
             modes += [Pipeline(images, spec, url=ns.url.rstrip("/"), workers=n,
-                               scale_with=ns.scale_with) for n in ns.worker_counts]
+                               scale_with=ns.scale_with, upload=ns.upload)
+                      for n in ns.worker_counts]
         elif name == "pipeline" and ns.url:
-            modes.append(Pipeline(images, spec, url=ns.url.rstrip("/")))
+            modes.append(Pipeline(images, spec, url=ns.url.rstrip("/"), upload=ns.upload))
         elif name == "pipeline":
-            modes += [Pipeline(images, spec, workers=n) for n in ns.worker_counts]
-        elif (n := _pipeline_n(name)) is not None:
-            modes.append(Pipeline(images, spec, workers=n))  # always a private stack
+            modes += [Pipeline(images, spec, workers=n, upload=ns.upload)
+                      for n in ns.worker_counts]
+        elif (n := _pipeline_n(name)) is not None:  # always a private stack
+            modes.append(Pipeline(images, spec, workers=n, upload=ns.upload))
     return modes
 
 
@@ -280,7 +285,7 @@ def run(ns: argparse.Namespace) -> int:
         "version": 1, "created": report.now_iso(), "machine": host,
         "config": {"images": len(images), "size": f"{first.width}x{first.height}",
                    "input": str(ns.input) if ns.input else None, "seed": ns.seed,
-                   "workload": ns.workload, "ops": ns.ops, "ops_canonical": canonical, "repeat": ns.repeat,
+                   "workload": ns.workload, "upload": ns.upload, "ops": ns.ops, "ops_canonical": canonical, "repeat": ns.repeat,
                    "workers": ns.worker_counts, "modes": ns.mode_names, "url": ns.url},
         "images": {"count": len(images), "bytes_total": sum(map(len, images)),
                    "bytes_mean": round(sum(map(len, images)) / len(images))},

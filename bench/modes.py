@@ -20,6 +20,7 @@ import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
@@ -174,8 +175,11 @@ class Pipeline(Mode):
 
     def __init__(self, images: list[bytes], spec: str, *, workers: int | None = None,
                  url: str | None = None, wait_s: float = 120.0, concurrency: int = 16,
-                 scale_with: str = "") -> None:
+                 scale_with: str = "", upload: str = "raw") -> None:
         super().__init__(images, spec)
+        # "raw": the image as the body, the chain in ?ops= (one image, one chain: what
+        # a client of an image service sends); "multipart": a form with both.
+        self.upload = upload
         self.workers = workers
         self.url = url
         self.stack: LocalStack | None = None
@@ -230,13 +234,16 @@ class Pipeline(Mode):
         assert self.poster is not None
         key = id(data)
         if key not in self.bodies:  # built once per image, outside the timed request
-            self.bodies[key] = api.multipart_body([data], [self.spec])
+            self.bodies[key] = (api.multipart_body([data], [self.spec])
+                                if self.upload == "multipart" else (data, "image/jpeg"))
         body, ctype = self.bodies[key]
+        query = f"wait={self.wait_s:g}&cache=0"
+        if self.upload == "raw":
+            query += "&" + urlencode({"ops": self.spec})
         t = time.perf_counter()
         try:
             status, headers, content = self.poster.post(
-                f"/api/process/?wait={self.wait_s:g}&cache=0", body, ctype,
-                {"Accept": "image/jpeg"})
+                f"/api/process/?{query}", body, ctype, {"Accept": "image/jpeg"})
         except (OSError, http.client.HTTPException) as exc:
             return None, (time.perf_counter() - t) * 1000, f"{type(exc).__name__}: {exc}"
         if status == 202:  # every ?wait slot of the gateway was taken: poll

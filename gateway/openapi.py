@@ -149,7 +149,8 @@ def build_spec(settings: Settings) -> dict[str, Any]:
             f"Up to {s.max_images} `image` parts (JPEG, PNG, WebP, GIF, BMP; recognised by "
             f"their bytes; at most {s.max_pixels} pixels each) and up to {s.max_chains} "
             f"`ops` chains of at most {s.max_filters} filters (see `/api/filters`), or "
-            "`preset:NAME` (see `/api/presets`); `encode:format=auto` picks AVIF or WebP "
+            "`preset:NAME` (see `/api/presets`); or one image as the raw body with its "
+            "chains in `?ops=`; `encode:format=auto` picks AVIF or WebP "
             "when `Accept` names them, else the input's format. Without "
             "`ops` the chains are `resize:w=1920`, `blur:radius=3`, `brightness:factor=1.2`. "
             f"The body may be at most {s.max_upload_bytes} bytes and must arrive within "
@@ -162,12 +163,19 @@ def build_spec(settings: Settings) -> dict[str, Any]:
              "schema": {"type": "number", "minimum": 0}},
             {"name": "cache", "in": "query", "required": False,
              "description": "0 bypasses the result cache (same image bytes, same chain)",
-             "schema": {"type": "string", "enum": ["0", "1", "true", "false"]}}],
-        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["image"], "properties": {
-                "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                "ops": {"type": "array", "items": {"type": "string"},
-                        "example": ["resize:w=800|sharpen:amount=1.5"]}}}}}},
+             "schema": {"type": "string", "enum": ["0", "1", "true", "false"]}},
+            {"name": "ops", "in": "query", "required": False, "explode": True,
+             "description": "with one image as the raw body: its chains (repeat the "
+                            "parameter for several; percent-encode `|`, `:`, `,` and `=`)",
+             "schema": {"type": "array", "items": {"type": "string"}}}],
+        "requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"], "properties": {
+                    "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "ops": {"type": "array", "items": {"type": "string"},
+                            "example": ["resize:w=800|sharpen:amount=1.5"]}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
         "responses": {
             "200": {"description": "finished job (with `wait`); or the image itself",
                     "content": {JSON: {"schema": _ref("Job")},

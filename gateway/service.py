@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import logging
 import os
 import selectors
@@ -46,6 +47,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from gunicorn import util
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
@@ -68,6 +70,7 @@ GRACEFUL_S = 10
 MAX_HEAD = 64 * 1024   # bytes of request line + headers read before giving up (431)
 HEAD_READ = 16 * 1024  # one non-blocking read of a head in the selector loop
 HEAD_ENDS = (b"\r\n\r\n", b"\n\n")
+MAX_REQUEST_LINE = 8190  # gunicorn's own ceiling
 
 
 def _answer(status: str, error: str, detail: str) -> bytes:
@@ -246,6 +249,22 @@ class GatewayWorker(ThreadWorker):
                 self._drop_head(conn)
 
 
+    def init_process(self) -> None:
+        # gunicorn answers what it refuses itself (a request line over the limit, a bad
+        # method or header) with an HTML page; this service answers JSON everywhere.
+        util.write_error = write_json_error
+        super().init_process()
+
+
+def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's ``util.write_error`` with the service's JSON error body."""
+    body = json.dumps({"error": reason.lower().replace(" ", "_"),
+                       "detail": mesg or reason}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    util.write_nonblock(sock, head + body)
+
+
 class GatewayApplication(BaseApplication):  # type: ignore[misc]
     """gunicorn, configured in code: ``imgpipe gateway`` is one process tree."""
 
@@ -281,6 +300,8 @@ def gunicorn_options(s: Settings) -> dict[str, Any]:
         "timeout": max(30, int(s.gateway_timeout_s) + 5),
         "graceful_timeout": GRACEFUL_S,
         "keepalive": KEEPALIVE_S,
+        # The longest request line gunicorn takes: room for a raw upload's ?ops= chains.
+        "limit_request_line": MAX_REQUEST_LINE,
         "proc_name": "imgpipe-gateway",
         "loglevel": s.log_level.lower(),
         "errorlog": "-",

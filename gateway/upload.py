@@ -1,4 +1,8 @@
-"""``POST /api/process/`` bodies: stream, bound and validate a multipart upload.
+"""``POST /api/process/`` bodies: stream, bound and validate an upload.
+
+Two forms: multipart (``image`` parts, ``ops`` fields: several images and chains), or
+one image as the raw body (``Content-Type: image/*`` or ``application/octet-stream``)
+with its chains in ``?ops=`` (repeated for several), which skips the multipart framing.
 
 The body is never held in memory whole: each ``image`` part is copied in 1 MiB chunks
 (smaller reads made gunicorn's reader copy its read-ahead again and again) to
@@ -152,14 +156,19 @@ def parse_upload(req: falcon.Request, settings: Settings, store: Store) -> Uploa
     length = check_length(req, settings)
     ctype = req.content_type or ""
     media, _, params = ctype.partition(";")
-    if media.strip().lower() != "multipart/form-data":
+    media = media.strip().lower()
+    raw = media.startswith("image/") or media == "application/octet-stream"
+    if media != "multipart/form-data" and not raw:
         raise BadForm("send multipart/form-data with one or more 'image' file parts and "
-                      f"optional 'ops' fields (got {media.strip() or 'no Content-Type'!r})",
+                      "optional 'ops' fields, or one image as the body (Content-Type "
+                      f"image/*) with ?ops= (got {media or 'no Content-Type'!r})",
                       field="Content-Type")
-    boundary = _boundary(params)
     limit = settings.max_upload_bytes if length is None else length
     body = BodyReader(req.stream, limit=limit, timeout_s=settings.gateway_timeout_s,
                       sock=req.env.get("gunicorn.socket"))
+    if raw:
+        return _parse_raw(req, body, settings, store)
+    boundary = _boundary(params)
     options = MultipartParseOptions()
     options.max_body_part_count = settings.max_images + settings.max_chains + 4
     form = MultipartForm(BufferedReader(body.read, limit + 1, CHUNK), boundary, length, options)
@@ -198,6 +207,41 @@ def parse_upload(req: falcon.Request, settings: Settings, store: Store) -> Uploa
     finally:
         body.restore()
     return upload
+
+
+def _parse_raw(req: falcon.Request, body: BodyReader, settings: Settings,
+               store: Store) -> Upload:
+    """One image as the whole body (``Content-Type: image/*``), its chains in ``?ops=``
+    (repeated for several): no multipart framing to scan. The format still comes from
+    the bytes, never from the declared type."""
+    upload = Upload()
+    try:
+        specs = _query_values(req, "ops")
+        if len(specs) > settings.max_chains:
+            raise FilterError(f"at most {settings.max_chains} ops chains per job", field="ops")
+        for spec in specs:
+            if len(spec.encode()) > MAX_OPS_BYTES:
+                raise BadForm(f"'ops' is longer than {MAX_OPS_BYTES} bytes", field="ops")
+        upload.images.append(_stage(body, store, settings, index=0))
+        upload.body_bytes = body.count
+        upload.chains, upload.negotiated = parse_chains(
+            [x.strip() for x in specs] or list(DEFAULT_CHAINS), settings,
+            accept=req.get_header("Accept"))
+    except BaseException:
+        upload.discard()
+        raise
+    finally:
+        body.restore()
+    return upload
+
+
+def _query_values(req: falcon.Request, name: str) -> list[str]:
+    """Every value of a query parameter, repeated or not (no splitting on commas: a
+    chain has commas of its own)."""
+    value = req.params.get(name)
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
 def parse_chains(specs: list[str], settings: Settings, *,

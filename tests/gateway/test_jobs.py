@@ -69,6 +69,25 @@ def test_submit_records_the_job_and_notifies_the_ventilator(gateway: Any, zctx: 
         intake.close(linger=0)
 
 
+def test_a_raw_body_upload_takes_its_chains_from_the_query(gateway: Any) -> None:
+    photo = im.jpeg(seed=2)
+    # Two chains (commas inside each are theirs, not separators); the declared type is
+    # not trusted: a JPEG sent as application/octet-stream is still a JPEG.
+    for ctype in ("image/jpeg", "application/octet-stream", "image/png"):
+        res = gateway.client.simulate_post(
+            "/api/process/", body=photo, headers={"Content-Type": ctype},
+            query_string="ops=resize%3Aw%3D64%2Ch%3D48&ops=invert%7Cflip")
+        assert res.status_code == 202, res.text
+        doc = res.json
+        assert [o["ops"] for o in doc["outputs"]] == ["resize:w=64,h=48", "invert|flip"]
+        assert gateway.store.read_original(doc["id"], 0) == photo
+        assert gateway.store.original_path(doc["id"], 0, "jpeg").exists()
+    # No ?ops: the default chains, as for a multipart upload without ops fields.
+    res = gateway.client.simulate_post("/api/process/", body=photo,
+                                       headers={"Content-Type": "image/jpeg"})
+    assert [o["ops"] for o in res.json["outputs"]] == DEFAULTS
+
+
 def test_outputs_are_image_major(gateway: Any) -> None:
     body, ctype = im.multipart([im.jpeg(seed=1), im.png()], ["invert", "grayscale|flip"])
     doc = gateway.post(body, ctype).json

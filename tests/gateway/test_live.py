@@ -207,6 +207,7 @@ def test_stalled_clients_cannot_hold_the_gateway(gw: Gateway) -> None:
 def _send_case(gw: Gateway, case: Case) -> tuple[int, dict[str, Any]]:
     method, path, body, headers = case.build()
     status, _, data = raw_request(gw, method, path, body, headers)
+    assert data, (case.name, status)
     return status, json.loads(data)
 
 
@@ -217,6 +218,10 @@ def test_the_bad_input_table_over_http_leaves_the_service_healthy(gw: Gateway) -
         assert doc["error"] and doc["detail"], (case.name, doc)
         if case.field:
             assert doc.get("field") == case.field, (case.name, doc)
+    # What gunicorn refuses itself is JSON too: a request line over its limit.
+    status, headers, data = raw_request(gw, "GET", "/api/jobs/" + "a" * 9000)
+    assert status == 414 and headers["content-type"] == "application/json"
+    assert json.loads(data)["error"] == "uri_too_long"
     # 60 MB announced, a few bytes sent: refused at once, the body never read.
     sock = socket.create_connection(("127.0.0.1", gw.settings.gateway_port), timeout=30)
     try:

@@ -38,6 +38,15 @@ def form(images: list[bytes], ops: list[str | bytes] | None = None, **kw: Any
     return build
 
 
+def raw(data: bytes, ops: list[str] | None = None, ctype: str = "image/jpeg"
+        ) -> Callable[[], tuple[str, str, bytes, dict[str, str]]]:
+    """One image as the body, its chains in ?ops= (percent-encoded)."""
+    from urllib.parse import urlencode
+
+    query = "?" + urlencode([("ops", o) for o in ops]) if ops else ""
+    return lambda: ("POST", f"/api/process/{query}", data, {"Content-Type": ctype})
+
+
 def get(path: str) -> Callable[[], tuple[str, str, bytes, dict[str, str]]]:
     return lambda: ("GET", path, b"", {})
 
@@ -82,6 +91,15 @@ CASES = [
     Case("unterminated-multipart", 400, lambda: (
         "POST", "/api/process/", b"--b\r\nContent-Disposition: form-data; name=\"ops\"\r\n\r\nx",
         {"Content-Type": "multipart/form-data; boundary=b"}), "body"),
+    Case("raw-zero-bytes", 415, raw(b""), "image"),
+    Case("raw-random-bytes", 415, raw(os.urandom(4096)), "image"),
+    Case("raw-truncated-jpeg", 415, raw(TRUNCATED), "image"),
+    Case("raw-text-declared-png", 415, raw(b"hello, I am text", ctype="image/png"), "image"),
+    Case("raw-png-bomb", 413, raw(im.png_bomb(20000), ctype="image/png"), "image"),
+    Case("raw-unknown-filter", 400, raw(GOOD, ["frobnicate:x=1"]), "ops"),
+    Case("raw-empty-chain", 400, raw(GOOD, [""]), "ops"),
+    Case("raw-too-many-chains", 400, raw(GOOD, ["invert"] * 17), "ops"),
+    Case("raw-ops-too-long", 400, raw(GOOD, ["invert|" * 700 + "invert"]), "ops"),
     Case("bad-wait", 400, lambda: ("POST", "/api/process/?wait=nan", b"",
                                    {"Content-Type": "multipart/form-data; boundary=b"}), "wait"),
     Case("dotdot-id", 404, get("/api/jobs/..")),
