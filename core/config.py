@@ -38,7 +38,16 @@ class Settings:
     """Everything a component needs to know, with documented defaults."""
 
     # --- storage -------------------------------------------------------------------
-    data_dir: Path = _doc("job store (SQLite) and image files", Path("data"))
+    data_dir: Path = _doc("job store (SQLite), staged uploads and, by default, image files",
+                          Path("data"))
+    blob_url: str = _doc("where originals and outputs live: empty for the data dir; a "
+                         "directory (/path or file:///path; on several hosts a shared mount); "
+                         "s3://bucket/prefix for S3-compatible object storage", "")
+    s3_endpoint_url: str = _doc("S3 API endpoint of a server other than AWS (MinIO, Ceph RGW, "
+                                "...), e.g. http://minio:9000; empty: AWS. Credentials and "
+                                "region: the AWS_* variables boto3 reads", "")
+    s3_max_connections: int = _doc("connections each process keeps to the object store (the "
+                                   "gateway streams one per request thread)", 20)
 
     # --- network: stable nodes bind these ports on bind_host ----------------------
     bind_host: str = _doc("interface stable nodes bind (0.0.0.0 in containers)", "127.0.0.1")
@@ -186,10 +195,17 @@ class Settings:
                      "max_filters", "max_message_bytes", "queue_limit", "max_attempts",
                      "heartbeat_liveness", "worker_processes", "worker_threads",
                      "worker_slots", "gateway_workers", "gateway_threads",
-                     "client_concurrency"):
+                     "client_concurrency", "s3_max_connections"):
             need(getattr(self, name) >= 1, name, "use a whole number of at least 1")
         need(self.job_ttl_s >= 0, "job_ttl_s", "use 0 (keep forever) or a number of seconds")
         need(self.max_data_bytes >= 0, "max_data_bytes", "use 0 (no cap) or a number of bytes")
+        blob = urlsplit(self.blob_url)
+        need(blob.scheme in ("", "file", "s3") and not (blob.scheme == "s3" and not blob.netloc)
+             and not (blob.scheme == "file" and not blob.path), "blob_url",
+             "use a directory (/srv/blobs or file:///srv/blobs) or s3://bucket/prefix")
+        need(urlsplit(self.s3_endpoint_url).scheme in ("", "http", "https")
+             and (not self.s3_endpoint_url or bool(urlsplit(self.s3_endpoint_url).netloc)),
+             "s3_endpoint_url", "use an http:// or https:// URL, e.g. http://minio:9000")
         for name in ("task_timeout_s", "heartbeat_interval_s", "rescan_interval_s",
                      "metrics_interval_s", "gateway_timeout_s", "max_wait_s",
                      "sweep_interval_s", "header_timeout_s", "max_job_cost",
