@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from imgpipe.core.config import Settings
 
 PARTIAL = ".tmp-"  # name prefix of a file being written in place (see write_atomic)
+PARTIAL_GRACE_S = 60.0  # a partial file this old has no live writer (see partial_grace)
 STAGED = "up-"     # name prefix of a staged upload
 SUBDIRS = ("originals", "outputs")
 UUID_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -317,5 +318,3 @@ def partial_grace(now: float | None = None) -> float:
     anything older was left by a killed one (younger ones may be another sink's)."""
     return (time.time() if now is None else now) - PARTIAL_GRACE_S
 
-
-PARTIAL_GRACE_S = 60.0
