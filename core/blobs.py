@@ -27,6 +27,7 @@ import io
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -217,9 +218,11 @@ class DirBlobs(Blobs):
                 shutil.rmtree(self.root / sub / check_id(job_id), ignore_errors=True)
 
     def remove_partial_outputs(self, older_than: float) -> int:
+        """Partial files are named after their writer (see write_atomic): those of a
+        process of this host that is gone are removed at once, any other once old."""
         count = 0
         for path in (self.root / "outputs").glob(f"*/{PARTIAL}*"):
-            if _older(path, older_than):
+            if _writer_gone(path.name) or _older(path, older_than):
                 path.unlink(missing_ok=True)
                 count += 1
         return count
@@ -244,8 +247,11 @@ class DirBlobs(Blobs):
 
 
 class _File(BlobFile):
-    """A file open for reading. ``fileno()`` is the file's, so gunicorn can send it
-    with sendfile(2) without reading it through Python."""
+    """A file open for reading. ``fileno()``, ``seek()`` and ``tell()`` are the file's,
+    so gunicorn can send it with sendfile(2) without reading it through Python
+    (``socket.sendfile`` seeks the file past what it sent, gunicorn seeks it back)."""
+
+    mode = "rb"
 
     def __init__(self, path: Path) -> None:
         self._fh = io.FileIO(path, "rb")
@@ -253,6 +259,15 @@ class _File(BlobFile):
 
     def fileno(self) -> int:
         return self._fh.fileno()
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
 
     def readinto(self, buffer: Any) -> int | None:
         return self._fh.readinto(buffer)
@@ -271,12 +286,30 @@ def _older(path: Path, older_than: float) -> bool:
         return False
 
 
+def _writer_gone(name: str) -> bool:
+    """True when a partial file's name (``.tmp-<pid>@<host>~<random>``) says it was
+    written by a process of this host that no longer runs."""
+    pid, at, rest = name.removeprefix(PARTIAL).partition("@")
+    if not at or not pid.isdigit() or rest.rpartition("~")[0] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def write_atomic(path: Path, data: bytes | memoryview) -> Path:
     """Write ``data`` to a temp file beside ``path``, flush it to disk, rename it into
     place and flush the folder: once this returns, the file survives a power loss (the
-    store commits an output's row only after it)."""
+    store commits an output's row only after it). The temp file's name says which
+    process of which host writes it, so a sink restarted after a crash can tell its
+    predecessor's leftovers from the files another sink on the same store is writing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=PARTIAL)
+    prefix = f"{PARTIAL}{os.getpid()}@{socket.gethostname()}~"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -228,8 +228,9 @@ class Store:
 
     def remove_partial_outputs(self) -> int:
         """Output files a killed writer left half-written (call from their writer, the
-        sink, before it starts); only those older than a minute, which no other sink
-        sharing the store can still be writing. How many were removed."""
+        sink, before it starts): those of a process of this host that is gone, and any
+        older than a minute; never one another sink sharing the store is writing now.
+        How many were removed."""
         return self._blobs.remove_partial_outputs(partial_grace())
 
     # --- jobs ---------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +17,13 @@ from imgpipe.core.records import NotFound, new_job_id
 from tests.support import make_settings
 
 LATER = time.time() + 3600  # a cut-off after everything made here: all of it is "old"
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def read(blobs: Blobs, job: str, n: int, fmt: str = "png") -> bytes | None:
@@ -141,15 +151,46 @@ def test_directory_outputs_are_written_atomically_and_partials_swept_once_old(
     path = blobs.output_path(job, 0, "png")
     assert path.read_bytes() == b"second"
     assert [p.name for p in path.parent.iterdir()] == ["0.png"]  # no temp files left
-    half = path.parent / ".tmp-half"
-    half.write_bytes(b"half")                      # a writer killed mid-file
-    assert blobs.remove_partial_outputs(older_than=time.time() - 60) == 0  # may be live
-    assert blobs.remove_partial_outputs(older_than=LATER) == 1
-    assert not half.exists() and path.exists()
+    host = socket.gethostname()
+    dead = _dead_pid()
+    killed = path.parent / f".tmp-{dead}@{host}~x1"      # this host's writer, gone
+    running = path.parent / f".tmp-{os.getpid()}@{host}~x2"  # this host's, alive
+    elsewhere = path.parent / f".tmp-{dead}@other-{host}~x3"  # another host's sink
+    unnamed = path.parent / ".tmp-half"                  # no writer in its name
+    for half in (killed, running, elsewhere, unnamed):
+        half.write_bytes(b"half")
+    assert blobs.remove_partial_outputs(older_than=time.time() - 60) == 1  # the rest may be live
+    assert not killed.exists()
+    assert blobs.remove_partial_outputs(older_than=LATER) == 3  # once old, whoever wrote them
+    assert [p.name for p in path.parent.iterdir()] == ["0.png"]
+
+
+def test_a_directory_output_goes_out_through_socket_sendfile(tmp_path: Path) -> None:
+    """What gunicorn does with it: ``socket.sendfile`` on a socket with a timeout (the
+    gateway's sockets all have one), which seeks the file past what it sent."""
+    blobs = DirBlobs(tmp_path)
+    job, data = new_job_id(), os.urandom(300_000)
+    blobs.write_output(job, 0, "png", data)
     fh = blobs.open_output(job, 0, "png")
     assert fh is not None
-    with fh:
-        assert fh.fileno() > 0  # a real file: gunicorn can sendfile it
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    got = bytearray()
+
+    def drain() -> None:
+        while len(got) < len(data) and (chunk := b.recv(65536)):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        with fh:
+            assert a.sendfile(fh, offset=0, count=fh.size) == len(data)  # type: ignore[arg-type]
+    finally:
+        reader.join(10)
+        a.close()
+        b.close()
+    assert bytes(got) == data
 
 
 def test_blob_url_picks_the_store(tmp_path: Path, s3_server: str,
