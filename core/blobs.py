@@ -34,6 +34,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 from imgpipe.core.media import EXTENSIONS
 from imgpipe.core.records import check_id
 
@@ -286,19 +288,23 @@ def _older(path: Path, older_than: float) -> bool:
         return False
 
 
+def _process_tag(pid: int) -> str | None:
+    """``<pid>.<start time>``: names one process of this host, even when its pid is
+    reused later (a container restarted gets the same pids); None when it is gone."""
+    try:
+        return f"{pid}.{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
+        return None
+
+
 def _writer_gone(name: str) -> bool:
-    """True when a partial file's name (``.tmp-<pid>@<host>~<random>``) says it was
-    written by a process of this host that no longer runs."""
-    pid, at, rest = name.removeprefix(PARTIAL).partition("@")
+    """True when a partial file's name (``.tmp-<pid>.<start>@<host>~<random>``) says it
+    was written by a process of this host that no longer runs."""
+    tag, at, rest = name.removeprefix(PARTIAL).partition("@")
+    pid = tag.partition(".")[0]
     if not at or not pid.isdigit() or rest.rpartition("~")[0] != socket.gethostname():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    return _process_tag(int(pid)) != tag
 
 
 def write_atomic(path: Path, data: bytes | memoryview) -> Path:
@@ -308,7 +314,7 @@ def write_atomic(path: Path, data: bytes | memoryview) -> Path:
     process of which host writes it, so a sink restarted after a crash can tell its
     predecessor's leftovers from the files another sink on the same store is writing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f"{PARTIAL}{os.getpid()}@{socket.gethostname()}~"
+    prefix = f"{PARTIAL}{_process_tag(os.getpid())}@{socket.gethostname()}~"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
     try:
         with os.fdopen(fd, "wb") as fh:

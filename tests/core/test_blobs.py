@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from imgpipe.core.blobs import Blobs, DirBlobs, open_blobs, original_key, output_key
@@ -153,14 +154,16 @@ def test_directory_outputs_are_written_atomically_and_partials_swept_once_old(
     assert [p.name for p in path.parent.iterdir()] == ["0.png"]  # no temp files left
     host = socket.gethostname()
     dead = _dead_pid()
-    killed = path.parent / f".tmp-{dead}@{host}~x1"      # this host's writer, gone
-    running = path.parent / f".tmp-{os.getpid()}@{host}~x2"  # this host's, alive
-    elsewhere = path.parent / f".tmp-{dead}@other-{host}~x3"  # another host's sink
-    unnamed = path.parent / ".tmp-half"                  # no writer in its name
-    for half in (killed, running, elsewhere, unnamed):
+    me = f"{os.getpid()}.{psutil.Process().create_time():.2f}"
+    killed = path.parent / f".tmp-{dead}.1.00@{host}~x1"   # this host's writer, gone
+    reused = path.parent / f".tmp-{os.getpid()}.1.00@{host}~x2"  # its pid now another's
+    running = path.parent / f".tmp-{me}@{host}~x3"        # this host's, alive
+    elsewhere = path.parent / f".tmp-{dead}.1.00@other-{host}~x4"  # another host's sink
+    unnamed = path.parent / ".tmp-half"                   # no writer in its name
+    for half in (killed, reused, running, elsewhere, unnamed):
         half.write_bytes(b"half")
-    assert blobs.remove_partial_outputs(older_than=time.time() - 60) == 1  # the rest may be live
-    assert not killed.exists()
+    assert blobs.remove_partial_outputs(older_than=time.time() - 60) == 2  # the rest may be live
+    assert not killed.exists() and not reused.exists()
     assert blobs.remove_partial_outputs(older_than=LATER) == 3  # once old, whoever wrote them
     assert [p.name for p in path.parent.iterdir()] == ["0.png"]
 
