@@ -95,7 +95,7 @@ class Settings:
     # --- data lifecycle -------------------------------------------------------------
     job_ttl_s: float = _doc("finished jobs expire this many seconds after they finish "
                             "(rows and files; then 410); 0 keeps them", 86400.0)
-    max_data_bytes: int = _doc("cap on originals and outputs in the data dir, bytes: past "
+    max_data_bytes: int = _doc("cap on originals and outputs in the blob store, bytes: past "
                                "it the oldest finished jobs go, then uploads get 507; 0: none",
                                0)
     sweep_interval_s: float = _doc("how often the sink expires jobs and sweeps crash "
