@@ -38,7 +38,16 @@ class Settings:
     """Everything a component needs to know, with documented defaults."""
 
     # --- storage -------------------------------------------------------------------
-    data_dir: Path = _doc("job store (SQLite) and image files", Path("data"))
+    data_dir: Path = _doc("job store (SQLite), staged uploads and, by default, image files",
+                          Path("data"))
+    blob_url: str = _doc("where originals and outputs live: empty for the data dir; a "
+                         "directory (/path or file:///path; on several hosts a shared mount); "
+                         "s3://bucket/prefix for S3-compatible object storage", "")
+    s3_endpoint_url: str = _doc("S3 API endpoint of a server other than AWS (MinIO, Ceph RGW, "
+                                "...), e.g. http://minio:9000; empty: AWS. Credentials and "
+                                "region: the AWS_* variables boto3 reads", "")
+    s3_max_connections: int = _doc("connections each process keeps to the object store (the "
+                                   "gateway streams one per request thread)", 20)
 
     # --- network: stable nodes bind these ports on bind_host ----------------------
     bind_host: str = _doc("interface stable nodes bind (0.0.0.0 in containers)", "127.0.0.1")
@@ -86,7 +95,7 @@ class Settings:
     # --- data lifecycle -------------------------------------------------------------
     job_ttl_s: float = _doc("finished jobs expire this many seconds after they finish "
                             "(rows and files; then 410); 0 keeps them", 86400.0)
-    max_data_bytes: int = _doc("cap on originals and outputs in the data dir, bytes: past "
+    max_data_bytes: int = _doc("cap on originals and outputs in the blob store, bytes: past "
                                "it the oldest finished jobs go, then uploads get 507; 0: none",
                                0)
     sweep_interval_s: float = _doc("how often the sink expires jobs and sweeps crash "
@@ -189,12 +198,19 @@ class Settings:
                      "max_filters", "max_message_bytes", "queue_limit", "max_attempts",
                      "heartbeat_liveness", "worker_processes", "worker_threads",
                      "worker_slots", "gateway_workers", "gateway_threads",
-                     "client_concurrency"):
+                     "client_concurrency", "s3_max_connections"):
             need(getattr(self, name) >= 1, name, "use a whole number of at least 1")
         need(self.job_ttl_s >= 0, "job_ttl_s", "use 0 (keep forever) or a number of seconds")
         need(self.max_data_bytes >= 0, "max_data_bytes", "use 0 (no cap) or a number of bytes")
         need(0 <= self.inline_filter_ms <= 1000, "inline_filter_ms",
              "use 0 (always the pool) up to 1000 ms")
+        blob = urlsplit(self.blob_url)
+        need(blob.scheme in ("", "file", "s3") and not (blob.scheme == "s3" and not blob.netloc)
+             and not (blob.scheme == "file" and not blob.path), "blob_url",
+             "use a directory (/srv/blobs or file:///srv/blobs) or s3://bucket/prefix")
+        need(urlsplit(self.s3_endpoint_url).scheme in ("", "http", "https")
+             and (not self.s3_endpoint_url or bool(urlsplit(self.s3_endpoint_url).netloc)),
+             "s3_endpoint_url", "use an http:// or https:// URL, e.g. http://minio:9000")
         for name in ("task_timeout_s", "heartbeat_interval_s", "rescan_interval_s",
                      "metrics_interval_s", "gateway_timeout_s", "max_wait_s",
                      "sweep_interval_s", "header_timeout_s", "max_job_cost",

@@ -1,8 +1,9 @@
-"""The job store: SQLite (WAL) for state, :class:`~imgpipe.core.blobs.Blobs` for images.
+"""The job store: SQLite (WAL) for state, a :class:`~imgpipe.core.blobs.Blobs` for images.
 
 ``jobs.sqlite3`` under the data dir holds jobs, images and outputs (one row per image
-x chain); the files live beside it (layout in :mod:`imgpipe.core.blobs`). Callers get
-the records of :mod:`imgpipe.core.records`, never rows or paths.
+x chain); the images live in the blob store (files beside the database by default, or
+a shared directory or an S3 bucket: :mod:`imgpipe.core.blobs`). Callers get the
+records of :mod:`imgpipe.core.records`, never rows, paths or keys.
 
 Several processes share the database (gunicorn workers, ventilator, sink): WAL lets
 readers run beside the one writer, ``busy_timeout`` makes writers queue instead of
@@ -18,15 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from imgpipe.core.blobs import Blobs
+from imgpipe.core.blobs import BlobFile, Blobs, DirBlobs, partial_grace
 from imgpipe.core.protocol import STAGES, GravityNote
 from imgpipe.core.records import (
     FINAL,
@@ -129,11 +129,12 @@ COUNTERS = ("jobs", "outputs", "done", "failed", "retries", "cache_hits", "cache
 
 
 class Store:
-    """The job store under ``data_dir``. Thread-safe: one connection per thread."""
+    """The job store under ``data_dir``, its images in ``blobs`` (by default files
+    under ``data_dir``). Thread-safe: one connection per thread."""
 
-    def __init__(self, data_dir: Path | str) -> None:
+    def __init__(self, data_dir: Path | str, *, blobs: Blobs | None = None) -> None:
         self.root = Path(data_dir)
-        self._blobs = Blobs(self.root)
+        self._blobs = blobs if blobs is not None else DirBlobs(self.root)
         self._path = self.root / "jobs.sqlite3"
         self._local = threading.local()
         self._db().executescript(_SCHEMA)  # idempotent; executescript commits itself
@@ -159,7 +160,7 @@ class Store:
                                      " WHERE attempts > 1").fetchone()[0]
                 found = dict(zip(("jobs", "outputs", "done", "failed"), t, strict=True))
                 found["retries"] = retries
-                found["bytes"] = self._blobs.bytes_on_disk()
+                found["bytes"] = self._blobs.bytes_used()
                 tx.executemany("INSERT INTO counters VALUES (?, ?)",
                                [(k, int(found.get(k, 0))) for k in COUNTERS])
 
@@ -193,25 +194,19 @@ class Store:
             db.close()
             self._local.db = None
 
-    # --- files --------------------------------------------------------------------------
-    def original_path(self, job_id: str, idx: int, fmt: str) -> Path:
-        return self._blobs.original_path(job_id, idx, fmt)
-
-    def output_path(self, job_id: str, n: int, fmt: str) -> Path:
-        return self._blobs.output_path(job_id, n, fmt)
-
-    def save_original(self, job_id: str, idx: int, fmt: str, data: bytes | memoryview) -> Path:
-        return self._blobs.save_original(job_id, idx, fmt, data)
+    # --- blobs --------------------------------------------------------------------------
+    def save_original(self, job_id: str, idx: int, fmt: str, data: bytes | memoryview) -> None:
+        self._blobs.put_original(job_id, idx, fmt, data)
 
     def stage_upload(self) -> tuple[int, Path]:
-        """A new temp file (fd, path) for an upload being received, on the data dir's
-        filesystem so that :meth:`adopt_original` is a rename."""
-        fd, name = tempfile.mkstemp(dir=self._blobs.tmp_dir, prefix="up-")
-        return fd, Path(name)
+        """A new local temp file (fd, path) for an upload being received (for a
+        directory blob store, on its filesystem, so :meth:`adopt_original` is a rename)."""
+        return self._blobs.stage()
 
-    def adopt_original(self, job_id: str, idx: int, fmt: str, tmp: Path) -> Path:
-        """Move a staged upload into place as original ``idx`` of ``job_id``."""
-        return self._blobs.adopt_original(job_id, idx, fmt, tmp)
+    def adopt_original(self, job_id: str, idx: int, fmt: str, tmp: Path) -> None:
+        """Put a staged upload in place as original ``idx`` of ``job_id`` (the staged
+        file is gone after)."""
+        self._blobs.adopt_original(job_id, idx, fmt, tmp)
 
     def discard_originals(self, job_id: str) -> None:
         """Remove the originals of a job that was never recorded."""
@@ -224,17 +219,20 @@ class Store:
             raise NotFound(f"job {job_id} has no image {image}")
         return self._blobs.read_original(job_id, image, row["format"])
 
-    def open_output(self, out: Output) -> BinaryIO:
-        """The file of a done output, open for reading; NotFound when it has none."""
+    def open_output(self, out: Output) -> BlobFile:
+        """The bytes of a done output, open for streaming (``size`` known); NotFound
+        when it has none."""
         fh = self._blobs.open_output(out.job_id, out.n, out.format or "bin")
         if fh is None:
             raise NotFound(f"output {out.n} of job {out.job_id} has no file", field="n")
         return fh
 
     def remove_partial_outputs(self) -> int:
-        """Output files a killed writer left half-written (call from their only writer,
-        the sink, before it starts); how many were removed."""
-        return self._blobs.remove_partial_outputs()
+        """Output files a killed writer left half-written (call from their writer, the
+        sink, before it starts): those of a process of this host that is gone, and any
+        older than a minute; never one another sink sharing the store is writing now.
+        How many were removed."""
+        return self._blobs.remove_partial_outputs(partial_grace())
 
     # --- jobs ---------------------------------------------------------------------------
     def create_job(self, job_id: str, images: Sequence[Original],
@@ -408,13 +406,13 @@ class Store:
         the output was already final (a file written for an output that failed
         meanwhile is removed again). ``gravity`` is the output's smart-gravity note."""
         job_id, n = split_task_id(tid)
-        path = self._blobs.write_output(job_id, n, fmt, data)
+        self._blobs.write_output(job_id, n, fmt, data)
         state = self._finish(tid, "done", now=now, nbytes=len(data), worker=worker,
                              attempts=attempt, width=width, height=height, bytes=len(data),
                              content_type=content_type, format=fmt, error=None,
                              gravity=gravity, **_timing_fields(timings))
         if state is None and self.output(job_id, n).state == "failed":
-            path.unlink(missing_ok=True)
+            self._blobs.remove_output(job_id, n, fmt)
         return state
 
     def fail(self, tid: str, error: str, *, worker: str | None = None,
@@ -531,8 +529,7 @@ class Store:
                            [(r["id"], now, r["owner"]) for r in gone])
             db.execute("DELETE FROM expired WHERE at < ?", (now - TOMBSTONE_S,))
             _bump(db, bytes=-freed, **{f"jobs_{why}": len(ids)})
-        for j in ids:
-            self._blobs.remove_job(j)
+        self._blobs.remove_jobs(ids)
         return freed
 
     def sweep_leftovers(self, *, older_than: float) -> int:

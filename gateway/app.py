@@ -12,6 +12,7 @@ from typing import Any
 
 import falcon
 
+from imgpipe.core.blobs import open_blobs
 from imgpipe.core.config import Settings
 from imgpipe.core.store import Store
 from imgpipe.gateway import errors
@@ -59,7 +60,7 @@ def create_app(settings: Settings, *, store: Store | None = None,
     """The gateway's WSGI app over ``settings.data_dir``'s job store."""
     if settings.test_hooks:
         _enable_test_filters()
-    store = store or Store(settings.data_dir)
+    store = store or Store(settings.data_dir, blobs=open_blobs(settings))
     pipeline = pipeline or Pipeline(settings)
     view = FleetView(settings, store, pipeline)
     metrics = RequestMetrics(view.metrics)

@@ -13,7 +13,6 @@ import errno
 import hashlib
 import logging
 import math
-import os
 import sqlite3
 import threading
 import time
@@ -227,7 +226,7 @@ def serve_output(req: falcon.Request, resp: falcon.Response, store: Store, job_i
         return
     fh = store.open_output(out)
     resp.content_type = out.content_type or "application/octet-stream"
-    resp.set_stream(fh, os.fstat(fh.fileno()).st_size)
+    resp.set_stream(fh, fh.size)
 
 
 def _matches(header: str | None, etag: str) -> bool:

@@ -27,6 +27,7 @@ from typing import Any
 import zmq
 
 from imgpipe.core import lease, retention
+from imgpipe.core.blobs import open_blobs
 from imgpipe.core.config import Settings, add_settings_args, settings_from_args
 from imgpipe.core.errors import ProtocolError
 from imgpipe.core.protocol import Metric, Result, decode, encode_topic
@@ -44,7 +45,7 @@ POLL_MS = 100
 def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
     auth = start_authenticator(ctx, settings)
-    store = Store(settings.data_dir)
+    store = Store(settings.data_dir, blobs=open_blobs(settings))
     removed = store.remove_partial_outputs()
     if removed:
         log.info("removed %d half-written output file(s) of a previous run", removed)

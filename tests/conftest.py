@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,8 +10,10 @@ from typing import Any
 import pytest
 import zmq
 
+from imgpipe.core.blobs import Blobs, DirBlobs
 from imgpipe.core.config import Settings
-from tests.support import make_settings
+from imgpipe.core.store import Store
+from tests.support import S3_ENV, free_port, make_settings, new_bucket, wait_for
 
 
 @pytest.fixture
@@ -91,3 +94,75 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
         # Lazily if a process still maps a file there; the mount goes with the last one.
         if subprocess.run(["umount", str(target)], capture_output=True, timeout=30).returncode:
             subprocess.run(["umount", "-l", str(target)], check=True, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An S3-compatible server for the session: moto's (``moto[server]``, a PyPI
+    package, so it installs wherever the tests do), in its own process on a free
+    loopback port. Yields its endpoint URL; stopped at the end of the session."""
+    import httpx
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    env = {**os.environ, **S3_ENV}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                 "-p", str(port)], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"moto_server exited with {proc.returncode}:\n"
+                                 f"{log.read_text(errors='replace')[-3000:]}")
+        try:
+            return httpx.get(f"{url}/moto-api/", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(answers, 60, interval=0.1, what=f"the S3 server at {url}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """This process's AWS variables pointed at nothing but the tests' server."""
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return dict(S3_ENV)
+
+
+@pytest.fixture(params=["dir", "s3"])
+def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Blobs]:
+    """Each blob store in turn: files under tmp_path, then a fresh bucket on the tests'
+    S3 server (uploads staged under tmp_path/tmp)."""
+    if request.param == "dir":
+        yield DirBlobs(tmp_path)
+        return
+    from imgpipe.core.s3 import S3Blobs
+
+    endpoint = request.getfixturevalue("s3_server")
+    request.getfixturevalue("s3_env")
+    store = S3Blobs(new_bucket(endpoint), "imgpipe/test", staging=tmp_path / "tmp",
+                    endpoint_url=endpoint, max_connections=4)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path, blobs: Blobs) -> Iterator[Store]:
+    """A job store under tmp_path with each blob store in turn."""
+    s = Store(tmp_path, blobs=blobs)
+    yield s
+    s.close()

@@ -62,6 +62,62 @@ def spawn(settings: Settings, command: str, *args: str, log: Path | None,
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
+# What boto3 needs to talk to the tests' S3 server and to nothing else: fixed dummy
+# credentials (moto takes any), no config files, no instance-metadata lookups.
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "imgpipe-test",
+    "AWS_SECRET_ACCESS_KEY": "imgpipe-test-secret",
+    "AWS_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": "/nonexistent/imgpipe-test",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/imgpipe-test",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def s3_client(endpoint: str) -> Any:
+    """A plain boto3 client on the tests' S3 server (to make buckets and look inside)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session(
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name=S3_ENV["AWS_REGION"]).client(
+            "s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}))
+
+
+def new_bucket(endpoint: str) -> str:
+    """A fresh, empty bucket on the tests' S3 server, so no two tests share objects."""
+    import uuid
+
+    name = f"imgpipe-{uuid.uuid4().hex[:16]}"
+    s3_client(endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def bucket_keys(endpoint: str, bucket: str) -> list[str]:
+    """Every key in ``bucket`` (sorted)."""
+    pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", ()))
+
+
+def output_bytes(store: Any, job: str, n: int, fmt: str = "png") -> bytes | None:
+    """Output ``n``'s bytes as its blob store holds them, or None when it holds none."""
+    fh = store._blobs.open_output(job, n, fmt)
+    if fh is None:
+        return None
+    with fh:
+        return bytes(fh.read())
+
+
+def original_bytes(store: Any, job: str, idx: int, fmt: str = "jpeg") -> bytes | None:
+    """Original ``idx``'s bytes as its blob store holds them, or None when it holds none."""
+    try:
+        return bytes(store._blobs.read_original(job, idx, fmt))
+    except FileNotFoundError:
+        return None
+
+
 def recv(sock: zmq.Socket[Any], timeout: float = 5.0, *, copy: bool = True) -> list[Any]:
     """One multipart message, or an AssertionError after ``timeout`` seconds."""
     if not sock.poll(int(timeout * 1000), zmq.POLLIN):

@@ -98,3 +98,47 @@ def test_the_job_document_says_where_smart_gravity_put_each_window(stack_factory
         assert all(o["cached"] is cached for o in outs), outs
         again = httpx.get(f"{stack.url}/api/jobs/{job['id']}", timeout=30).json()
         assert [o["gravity"] for o in again["outputs"]] == want
+
+
+def test_the_whole_path_with_the_s3_blob_store(stack_factory: Any, s3_server: str) -> None:
+    """Gateway, ventilator and sink see the images only through the S3 store (moto's
+    server): upload, done, output streamed from the bucket, a cached repeat copied inside
+    it, and eviction past the byte budget removing the objects."""
+    from tests.images import png
+    from tests.support import S3_ENV, bucket_keys, new_bucket, wait_for
+
+    bucket = new_bucket(s3_server)
+    stack = stack_factory(1, env=S3_ENV, blob_url=f"s3://{bucket}/e2e",
+                          s3_endpoint_url=s3_server, job_ttl_s=0.0,
+                          max_data_bytes=1_000_000, sweep_interval_s=0.5)
+    image, chain = jpeg(160, 120, seed=7), "resize:w=64|encode:format=png"
+    first = post(stack.url, [image], [chain], wait=60)
+    assert first.status_code == 200 and first.json()["state"] == "done", first.text
+    j1 = first.json()["id"]
+    got = httpx.get(stack.url + first.json()["outputs"][0]["url"], timeout=30)
+    assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+    assert got.content == reference(image, chain)
+    assert int(got.headers["content-length"]) == len(got.content)
+    keys = bucket_keys(s3_server, bucket)
+    assert {f"e2e/originals/{j1}/0.jpg", f"e2e/outputs/{j1}/0.png"} <= set(keys), keys
+    data = stack.settings.data_dir
+    assert not list(data.glob("originals/*")) and not list(data.glob("outputs/*"))
+
+    again = post(stack.url, [image], [chain], wait=60)
+    assert again.status_code == 200, again.text
+    j2, out = again.json()["id"], again.json()["outputs"][0]
+    assert again.json()["state"] == "done" and out["cached"] is True, again.text
+    assert f"e2e/outputs/{j2}/0.png" in bucket_keys(s3_server, bucket)
+    assert httpx.get(stack.url + out["url"], timeout=30).content == got.content
+
+    # A ~2 MB upload takes the store past its 1 MB budget: the sink evicts the oldest
+    # finished jobs, and their objects go with them.
+    big = post(stack.url, [png(1000, 1000, seed=3)], ["resize:w=64"])
+    assert big.status_code == 202, big.text
+    for j in (j1, j2):
+        wait_for(lambda j=j: httpx.get(f"{stack.url}/api/jobs/{j}", timeout=5).status_code
+                 == 410, 60, what=f"job {j} evicted")
+    left = bucket_keys(s3_server, bucket)
+    assert not [k for k in left if j1 in k or j2 in k], left
+    totals = httpx.get(f"{stack.url}/api/metrics", timeout=5).json()["totals"]
+    assert totals["jobs_evicted"] >= 2

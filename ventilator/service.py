@@ -32,6 +32,7 @@ from typing import Any
 import zmq
 
 from imgpipe.core import lease
+from imgpipe.core.blobs import open_blobs
 from imgpipe.core.config import Settings, add_settings_args, settings_from_args
 from imgpipe.core.errors import ImgpipeError, ProtocolError
 from imgpipe.core.protocol import (
@@ -76,7 +77,7 @@ class Ventilator:
 
     def __init__(self, settings: Settings, ctx: zmq.Context[Any]) -> None:
         self.settings = settings
-        self.store = Store(settings.data_dir)
+        self.store = Store(settings.data_dir, blobs=open_blobs(settings))
         self.lease_key = lease.load_key(settings.data_dir)
         self.source = f"ventilator@{socket.gethostname()}:{os.getpid()}"
         self.disp = Dispatcher(settings, source=self.source, is_final=self.store.is_final,

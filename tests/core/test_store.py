@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from imgpipe.core.blobs import Blobs
 from imgpipe.core.records import (
     Counts,
     NotFound,
@@ -27,8 +26,7 @@ def make_job(store: Store, images: int = 2, chains: int = 3) -> str:
     return job
 
 
-def test_job_outputs_are_image_major(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_job_outputs_are_image_major(store: Store) -> None:
     job = make_job(store)
     rec = store.job(job)
     assert rec.state == "queued" and rec.finished is None
@@ -42,8 +40,7 @@ def test_job_outputs_are_image_major(tmp_path: Path) -> None:
     assert store.recent_jobs(5) == [rec]
 
 
-def test_first_completion_wins_and_job_state_follows(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_first_completion_wins_and_job_state_follows(store: Store) -> None:
     job = make_job(store, images=1, chains=2)
     t0, t1 = task_id(job, 0), task_id(job, 1)
     assert store.mark_dispatched(t0, 1)
@@ -94,7 +91,7 @@ def test_hostile_ids_never_reach_the_filesystem(tmp_path: Path, bad: object) -> 
     with pytest.raises(NotFound):
         store.job(bad)  # type: ignore[arg-type]
     with pytest.raises(NotFound):
-        store.output_path(bad, 0, "png")  # type: ignore[arg-type]
+        store.read_original(bad, 0)  # type: ignore[arg-type]
 
 
 def test_unknown_job_and_task_ids(tmp_path: Path) -> None:
@@ -108,17 +105,9 @@ def test_unknown_job_and_task_ids(tmp_path: Path) -> None:
         store.output(job, 5)
 
 
-def test_outputs_are_written_atomically(tmp_path: Path) -> None:
-    blobs = Blobs(tmp_path)
-    job = new_job_id()
-    path = blobs.write_output(job, 0, "png", b"first")
-    blobs.write_output(job, 0, "png", memoryview(b"second"))
-    assert path.read_bytes() == b"second"
-    assert [p.name for p in path.parent.iterdir()] == ["0.png"]  # no temp files left
-
-
-def test_concurrent_writers_from_threads_and_a_second_store(tmp_path: Path) -> None:
-    a, b = Store(tmp_path), Store(tmp_path)
+def test_concurrent_writers_from_threads_and_a_second_store(tmp_path: Path,
+                                                            store: Store) -> None:
+    a, b = store, Store(tmp_path, blobs=store._blobs)
     jobs = [make_job(a, 1, 4) for _ in range(5)]
     errors: list[BaseException] = []
 

@@ -81,7 +81,7 @@ def test_a_raw_body_upload_takes_its_chains_from_the_query(gateway: Any) -> None
         doc = res.json
         assert [o["ops"] for o in doc["outputs"]] == ["resize:w=64,h=48", "invert|flip"]
         assert gateway.store.read_original(doc["id"], 0) == photo
-        assert gateway.store.original_path(doc["id"], 0, "jpeg").exists()
+        assert gateway.store._blobs.original_path(doc["id"], 0, "jpeg").exists()
     # No ?ops: the default chains, as for a multipart upload without ops fields.
     res = gateway.client.simulate_post("/api/process/", body=photo,
                                        headers={"Content-Type": "image/jpeg"})
@@ -117,6 +117,33 @@ def test_a_done_output_is_served_with_etag_and_immutable_caching(gateway: Any) -
     assert other.status_code == 200
     doc = gateway.client.simulate_get(f"/api/jobs/{job}").json
     assert doc["state"] == "done" and doc["outputs"][0]["timings_ms"]["filters"] == 3.0
+
+
+def test_with_the_s3_blob_store_uploads_are_put_and_outputs_streamed_from_the_bucket(
+        settings: Settings, make_gateway: Any, s3_server: str, s3_env: Any) -> None:
+    import dataclasses
+
+    from tests.support import bucket_keys, new_bucket
+
+    bucket = new_bucket(s3_server)
+    gateway = make_gateway(dataclasses.replace(settings, blob_url=f"s3://{bucket}/gw",
+                                               s3_endpoint_url=s3_server))
+    body, ctype = im.multipart([im.jpeg(seed=4)], ["invert"])
+    job = gateway.post(body, ctype).json["id"]
+    assert gateway.store.read_original(job, 0) == im.jpeg(seed=4)
+    assert bucket_keys(s3_server, bucket) == [f"gw/originals/{job}/0.jpg"]
+    assert list((settings.data_dir / "tmp").iterdir()) == []  # staged, put, removed
+    output = bytes(range(256)) * 600
+    finish(gateway.store, job, 0, output)
+    res = gateway.client.simulate_get(f"/api/jobs/{job}/outputs/0")
+    assert res.status_code == 200 and res.content == output
+    assert res.headers["content-length"] == str(len(output))
+    assert res.headers["content-type"] == "image/jpeg" and res.headers["etag"]
+    repeat = gateway.post(body, ctype).json  # the result cache: a copy inside the bucket
+    assert repeat["outputs"][0]["cached"] is True
+    assert f"gw/outputs/{repeat['id']}/0.jpg" in bucket_keys(s3_server, bucket)
+    res = gateway.client.simulate_get(f"/api/jobs/{repeat['id']}/outputs/0")
+    assert res.status_code == 200 and res.content == output
 
 
 def test_a_failed_output_is_422_with_the_reason(gateway: Any) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from imgpipe.core.protocol import Result
 from imgpipe.core.records import Original, new_job_id, task_id
 from imgpipe.core.store import Store
 from imgpipe.sink.results import ResultHandler
-from tests.support import fill_disk
+from tests.support import fill_disk, output_bytes
 
 KEY = b"k" * 32
 
@@ -36,16 +38,14 @@ def result(job: str, n: int, *, ok: bool = True, payload: bytes = b"PNGDATA",
                   payload=payload)
 
 
-def test_first_result_wins_and_later_ones_are_duplicates(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_first_result_wins_and_later_ones_are_duplicates(store: Store) -> None:
     job = make_job(store)
     h = ResultHandler(store, KEY)
     done = h.handle(result(job, 0, payload=b"first"))
     assert (done.state, done.job_state, done.attempt) == ("done", "running", 1)
     late = h.handle(result(job, 0, payload=b"second", worker="w2", attempt=2))
     assert late.state == "duplicate"
-    path = store.output_path(job, 0, "png")
-    assert path.read_bytes() == b"first"
+    assert output_bytes(store, job, 0) == b"first"
     out = store.output(job, 0)
     assert (out.state, out.worker, out.attempts, out.nbytes) == ("done", "w1", 1, 5)
     snap = h.counters.snapshot()
@@ -53,8 +53,7 @@ def test_first_result_wins_and_later_ones_are_duplicates(tmp_path: Path) -> None
     assert snap["write_ms_max"] > 0 and h.counters.snapshot()["write_ms_max"] == 0.0
 
 
-def test_retry_leaves_the_output_open_and_a_plain_failure_is_final(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_retry_leaves_the_output_open_and_a_plain_failure_is_final(store: Store) -> None:
     job = make_job(store)
     h = ResultHandler(store, KEY)
     back = h.handle(result(job, 0, ok=False, retry=True, error="filter process died"))
@@ -65,18 +64,17 @@ def test_retry_leaves_the_output_open_and_a_plain_failure_is_final(tmp_path: Pat
     assert store.output(job, 1).error == "corrupt JPEG"
     assert h.handle(result(job, 0)).job_state == "partial"
     assert h.handle(result(job, 1)).state == "duplicate"
-    assert not store.output_path(job, 1, "png").exists()
+    assert output_bytes(store, job, 1) is None
 
 
 def test_a_result_for_an_output_failed_meanwhile_leaves_no_file(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(tmp_path)
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     job = make_job(store, chains=1)
     store.fail(task_id(job, 0), "lost on 3 attempts: ...")
     monkeypatch.setattr(store, "is_final", lambda _tid: False)  # lose the race on purpose
     done = ResultHandler(store, KEY).handle(result(job, 0))
     assert done.state == "duplicate"
-    assert not store.output_path(job, 0, "png").exists()
+    assert output_bytes(store, job, 0) is None
     assert store.output(job, 0).state == "failed"
 
 
@@ -95,15 +93,18 @@ def test_half_written_files_of_a_killed_sink_are_removed_at_start(tmp_path: Path
     job = make_job(store)
     h = ResultHandler(store, KEY)
     assert h.handle(result(job, 0, payload=b"done")).state == "done"
-    kept = store.output_path(job, 0, "png")
+    kept = store._blobs.output_path(job, 0, "png")
     orphan = kept.parent / ".tmp-abc123"
     orphan.write_bytes(b"half")
+    os.utime(orphan, (time.time() - 120, time.time() - 120))  # its writer died 2 min ago
+    young = kept.parent / ".tmp-def456"
+    young.write_bytes(b"half")   # may be another sink's, writing now on a shared store
     assert store.remove_partial_outputs() == 1
+    assert young.exists()
     assert not orphan.exists() and kept.read_bytes() == b"done"
 
 
-def test_a_result_without_the_lease_of_its_dispatch_is_dropped(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_a_result_without_the_lease_of_its_dispatch_is_dropped(store: Store) -> None:
     job = make_job(store)
     h = ResultHandler(store, KEY)
     forged = [
@@ -119,7 +120,7 @@ def test_a_result_without_the_lease_of_its_dispatch_is_dropped(tmp_path: Path) -
             h.handle(res)
     assert h.counters.forged == 3
     assert [o.state for o in store.job(job).outputs] == ["queued", "queued"]
-    assert not store.output_path(job, 0, "png").exists()
+    assert output_bytes(store, job, 0) is None
     assert h.handle(result(job, 0)).state == "done"  # the real one still counts
 
 
@@ -150,8 +151,6 @@ def test_a_result_the_disk_cannot_take_goes_back_and_leaves_nothing_done(
         tmpfs: Any) -> None:
     """On a full disk the sink answers retry, leaves no file and no done row; once space
     returns the same result is stored."""
-    import os
-
     disk = tmpfs("4m")
     store = Store(disk / "data")
     job = make_job(store, chains=1)
@@ -162,11 +161,12 @@ def test_a_result_the_disk_cannot_take_goes_back_and_leaves_nothing_done(
     back = h.handle(big)
     assert back.state == "retry" and "could not store" in back.error
     assert store.output(job, 0).state == "queued"
-    assert not store.output_path(job, 0, "png").exists()
-    assert list(store.output_path(job, 0, "png").parent.glob(".tmp-*")) == []
+    assert output_bytes(store, job, 0) is None
+    assert list(store._blobs.output_path(job, 0, "png").parent.glob(".tmp-*")) == []
     filler.unlink()
     assert h.handle(big).state == "done"
-    assert store.output_path(job, 0, "png").read_bytes() == bytes(big.payload)
+    assert output_bytes(store, job, 0) == bytes(big.payload)
+
 
 
 def test_the_gravity_note_of_a_result_is_stored_with_its_output(tmp_path: Path) -> None:

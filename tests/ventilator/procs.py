@@ -137,9 +137,9 @@ def check_exactly_once(store: Store, jobs: list[str]) -> list[Output]:
         [(o.n, o.state, o.error) for o in outs if o.state != "done"]
     for job in jobs:
         rec = store.job(job)
-        files = sorted(p.name for p in store.output_path(job, 0, "jpeg").parent.iterdir())
+        files = sorted(p.name for p in store._blobs.output_path(job, 0, "jpeg").parent.iterdir())
         assert files == sorted(f"{o.n}.jpg" for o in rec.outputs), files
         for o in rec.outputs:
-            with Image.open(store.output_path(job, o.n, "jpeg")) as img:
+            with Image.open(store._blobs.output_path(job, o.n, "jpeg")) as img:
                 assert img.size == (o.width, o.height) == (64, 43)
     return outs
