@@ -44,7 +44,7 @@ POLL_MS = 100
 def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
     auth = start_authenticator(ctx, settings)
-    store = Store(settings.data_dir)
+    store = Store.from_settings(settings)
     removed = store.remove_partial_outputs()
     if removed:
         log.info("removed %d half-written output file(s) of a previous run", removed)

@@ -76,7 +76,7 @@ class Ventilator:
 
     def __init__(self, settings: Settings, ctx: zmq.Context[Any]) -> None:
         self.settings = settings
-        self.store = Store(settings.data_dir)
+        self.store = Store.from_settings(settings)
         self.lease_key = lease.load_key(settings.data_dir)
         self.source = f"ventilator@{socket.gethostname()}:{os.getpid()}"
         self.disp = Dispatcher(settings, source=self.source, is_final=self.store.is_final,

@@ -169,12 +169,13 @@ def test_metrics_cost_the_same_at_a_million_outputs(tmp_path: Path) -> None:
     with a thousand and with a million rows of finished history: the same work."""
     store = Store(tmp_path)
     statements: list[str] = []
-    store._db().set_trace_callback(statements.append)  # the SQL as run, values bound
+    db = store._sql.raw()  # type: ignore[attr-defined]  # SQLite: its connection
+    db.set_trace_callback(statements.append)  # the SQL as run, values bound
     store.counts()
     store.totals()
     store.done_since(30.0)
     store.recent_outputs(60.0)
-    store._db().set_trace_callback(None)
+    db.set_trace_callback(None)
     store.close()
     assert len(statements) == 4, statements
     path = tmp_path / "jobs.sqlite3"
