@@ -81,6 +81,14 @@ class PgServer:
                                 f"{done.stderr.strip()[-2000:]}\n{log}")
 
     def start(self) -> PgServer:
+        """initdb and start; on failure the temp dir is removed again."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> PgServer:
         if self.user:
             shutil.chown(self.dir, self.user, self.user)
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres",
@@ -115,11 +123,7 @@ class PgServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> PgServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
+        return self.start()
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

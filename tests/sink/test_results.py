@@ -36,8 +36,7 @@ def result(job: str, n: int, *, ok: bool = True, payload: bytes = b"PNGDATA",
                   payload=payload)
 
 
-def test_first_result_wins_and_later_ones_are_duplicates(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_first_result_wins_and_later_ones_are_duplicates(store: Store) -> None:
     job = make_job(store)
     h = ResultHandler(store, KEY)
     done = h.handle(result(job, 0, payload=b"first"))
@@ -53,8 +52,7 @@ def test_first_result_wins_and_later_ones_are_duplicates(tmp_path: Path) -> None
     assert snap["write_ms_max"] > 0 and h.counters.snapshot()["write_ms_max"] == 0.0
 
 
-def test_retry_leaves_the_output_open_and_a_plain_failure_is_final(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_retry_leaves_the_output_open_and_a_plain_failure_is_final(store: Store) -> None:
     job = make_job(store)
     h = ResultHandler(store, KEY)
     back = h.handle(result(job, 0, ok=False, retry=True, error="filter process died"))
@@ -69,8 +67,7 @@ def test_retry_leaves_the_output_open_and_a_plain_failure_is_final(tmp_path: Pat
 
 
 def test_a_result_for_an_output_failed_meanwhile_leaves_no_file(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(tmp_path)
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     job = make_job(store, chains=1)
     store.fail(task_id(job, 0), "lost on 3 attempts: ...")
     monkeypatch.setattr(store, "is_final", lambda _tid: False)  # lose the race on purpose
@@ -80,8 +77,7 @@ def test_a_result_for_an_output_failed_meanwhile_leaves_no_file(
     assert store.output(job, 0).state == "failed"
 
 
-def test_mismatched_ids_are_refused(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_mismatched_ids_are_refused(store: Store) -> None:
     job = make_job(store)
     res = result(job, 0)
     res.n = 1
@@ -90,8 +86,7 @@ def test_mismatched_ids_are_refused(tmp_path: Path) -> None:
     assert store.output(job, 1).state == "queued"
 
 
-def test_half_written_files_of_a_killed_sink_are_removed_at_start(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_half_written_files_of_a_killed_sink_are_removed_at_start(store: Store) -> None:
     job = make_job(store)
     h = ResultHandler(store, KEY)
     assert h.handle(result(job, 0, payload=b"done")).state == "done"
@@ -102,8 +97,7 @@ def test_half_written_files_of_a_killed_sink_are_removed_at_start(tmp_path: Path
     assert not orphan.exists() and kept.read_bytes() == b"done"
 
 
-def test_a_result_without_the_lease_of_its_dispatch_is_dropped(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_a_result_without_the_lease_of_its_dispatch_is_dropped(store: Store) -> None:
     job = make_job(store)
     h = ResultHandler(store, KEY)
     forged = [
@@ -123,8 +117,7 @@ def test_a_result_without_the_lease_of_its_dispatch_is_dropped(tmp_path: Path) -
     assert h.handle(result(job, 0)).state == "done"  # the real one still counts
 
 
-def test_the_content_type_comes_from_the_format_not_the_header(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_the_content_type_comes_from_the_format_not_the_header(store: Store) -> None:
     job = make_job(store)
     h = ResultHandler(store, KEY)
     res = result(job, 0)
