@@ -9,6 +9,8 @@ differs:
 * column types in DDL: SQLite's ``REAL`` and ``INTEGER`` are PostgreSQL's ``DOUBLE
   PRECISION`` and ``BIGINT`` (a ``REAL`` there is 4 bytes: epoch seconds would lose
   their milliseconds) (:meth:`Backend.ddl`);
+* a full disk: either database's error becomes
+  :class:`~imgpipe.core.records.StorageFull` (the gateway's 507);
 * transactions: SQLite's ``BEGIN IMMEDIATE`` (one writer at a time) and ``BEGIN
   DEFERRED`` (a snapshot for a multi-query read) are PostgreSQL's READ COMMITTED write
   transaction and a REPEATABLE READ, READ ONLY one. The store's writes stay correct
@@ -37,6 +39,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from imgpipe.core.config import redact
+from imgpipe.core.records import StorageFull
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -113,8 +116,10 @@ class Sqlite:
         db.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
         try:
             yield db
-        except BaseException:
+        except BaseException as exc:
             db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                raise StorageFull(f"the job store's disk is full ({exc}); retry later") from exc
             raise
         db.execute("COMMIT")
 
@@ -207,10 +212,16 @@ class Postgres:
 
     @contextlib.contextmanager
     def transaction(self, write: bool = True) -> Iterator[Db]:
-        with self._get_pool().connection() as conn, conn.transaction():
-            if not write:
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            yield _PgDb(conn)
+        from psycopg.errors import DiskFull
+
+        try:
+            with self._get_pool().connection() as conn, conn.transaction():
+                if not write:
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield _PgDb(conn)
+        except DiskFull as exc:
+            raise StorageFull(f"the job store's database is out of disk ({exc}); "
+                              "retry later") from exc
 
     @contextlib.contextmanager
     def migration(self) -> Iterator[Db]:
