@@ -16,11 +16,14 @@ same indexes.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 from imgpipe.core.errors import ConfigError
 from imgpipe.core.sql import Backend, Db
+
+log = logging.getLogger(__name__)
 
 # The counters table's rows (running totals kept in the transactions that change them).
 COUNTERS = ("jobs", "outputs", "done", "failed", "retries", "cache_hits", "cache_misses",
@@ -175,4 +178,6 @@ def migrate(backend: Backend, count_bytes: Callable[[], int]) -> tuple[int, int]
             MIGRATIONS[version](backend, db, count_bytes)
             db.execute("INSERT INTO schema_version (version, applied) VALUES (?, ?)",
                        (version, time.time()))
+    if found < LATEST:
+        log.info("job store (%s): schema version %d -> %d", backend.name, found, LATEST)
     return found, LATEST
