@@ -8,6 +8,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,3 +182,40 @@ def test_metrics_cost_the_same_at_a_million_outputs(tmp_path: Path) -> None:
     _add_history(path, 1_000_000)
     large = _steps(path, statements)
     assert large <= small * 1.05 + 50, (small, large, statements)
+
+
+def test_metrics_use_the_same_indexes_on_postgres(tmp_path: Path, pg_server: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The statements above, as the store runs them on PostgreSQL, planned over 200,000
+    rows of finished history: every read of ``outputs`` goes through an index."""
+    import psycopg
+
+    from imgpipe.core import sql
+
+    url = pg_server.new_database()
+    store = Store(tmp_path, url)
+    ran: list[tuple[str, tuple[Any, ...]]] = []
+    real = sql._PgDb.execute
+
+    def record(self: Any, text: str, params: Any = (), /) -> Any:
+        ran.append((text, tuple(params)))
+        return real(self, text, params)
+
+    monkeypatch.setattr(sql._PgDb, "execute", record)
+    store.counts()
+    store.totals()
+    store.done_since(30.0)
+    store.recent_outputs(60.0)
+    store.open_tasks()
+    monkeypatch.undo()
+    store.close()
+    assert len(ran) == 5, ran
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("INSERT INTO outputs (task_id, job_id, n, image, ops, cost, state,"
+                   " attempts, queued_at, finished_at, bytes) SELECT 'j:' || i, 'j', i, 0,"
+                   " 'x', 'light', 'done', 2, 1.0, 2.0, 10 FROM generate_series(1, 200000) i")
+        db.execute("ANALYZE")
+        for text, params in ran:
+            plan = "\n".join(r[0] for r in db.execute("EXPLAIN " + sql.pg_sql(text), params))
+            if "outputs" in text:
+                assert "Seq Scan on outputs" not in plan and "Index" in plan, (text, plan)
