@@ -30,7 +30,7 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = Store(settings.data_dir)
+        self.store = Store.from_settings(settings)
         self.pipeline = Pipeline(settings)
         self.app = create_app(settings, store=self.store, pipeline=self.pipeline)
         self.client = testing.TestClient(self.app)
