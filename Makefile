@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/python -c "import zmq, cv2, PIL, numpy, psutil, falcon, gunicorn, streamlit, plotly, prometheus_client, rich, httpx, playwright"
+	$(BIN)/python -c "import zmq, cv2, PIL, numpy, psutil, falcon, gunicorn, streamlit, plotly, prometheus_client, rich, httpx, playwright, psycopg, psycopg_pool"
 	touch $@
 
 # Debian's Chromium for the dashboard's real-browser test (root: apt-get; else say so).

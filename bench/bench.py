@@ -7,6 +7,9 @@ inputs preloaded, nothing else: the compute bound) and pipeline-wN (the whole st
 over HTTP with N workers, started privately, or a running one with --url). Each mode
 runs --repeat times; the report gives medians with min–max, ratios to the baseline
 and to the limit, a one-image end-to-end latency probe, and per-stage timings.
+
+``imgpipe bench store`` measures the job store instead: its operations per second on
+SQLite and PostgreSQL (bench/storebench.py; ``imgpipe bench store --help``).
 """
 
 from __future__ import annotations
@@ -234,7 +237,12 @@ def stage_medians(image: bytes, spec: str, count: int = 5) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["store"]:
+        from imgpipe.bench import storebench
+
+        return storebench.main(args[1:])
+    ns = parse_args(args)
     import cv2
 
     # OpenCV single-threaded here too, as in the workers and the pools: each mode's

@@ -38,7 +38,8 @@ class Settings:
     """Everything a component needs to know, with documented defaults."""
 
     # --- storage -------------------------------------------------------------------
-    data_dir: Path = _doc("job store (SQLite), staged uploads and, by default, image files",
+    data_dir: Path = _doc("staged uploads, the job store's SQLite database unless "
+                          "store_url names another, and by default the image files",
                           Path("data"))
     blob_url: str = _doc("where originals and outputs live: empty for the data dir; a "
                          "directory (/path or file:///path; on several hosts a shared mount); "
@@ -48,6 +49,9 @@ class Settings:
                                 "region: the AWS_* variables boto3 reads", "")
     s3_max_connections: int = _doc("connections each process keeps to the object store (the "
                                    "gateway streams one per request thread)", 20)
+    store_url: str = _doc("job store database: empty for SQLite in the data dir, or "
+                          "postgresql://user:pass@host:port/db", "")
+    store_pool_size: int = _doc("PostgreSQL connections per process at most (a pool)", 8)
 
     # --- network: stable nodes bind these ports on bind_host ----------------------
     bind_host: str = _doc("interface stable nodes bind (0.0.0.0 in containers)", "127.0.0.1")
@@ -198,7 +202,7 @@ class Settings:
                      "max_filters", "max_message_bytes", "queue_limit", "max_attempts",
                      "heartbeat_liveness", "worker_processes", "worker_threads",
                      "worker_slots", "gateway_workers", "gateway_threads",
-                     "client_concurrency", "s3_max_connections"):
+                     "client_concurrency", "s3_max_connections", "store_pool_size"):
             need(getattr(self, name) >= 1, name, "use a whole number of at least 1")
         need(self.job_ttl_s >= 0, "job_ttl_s", "use 0 (keep forever) or a number of seconds")
         need(self.max_data_bytes >= 0, "max_data_bytes", "use 0 (no cap) or a number of bytes")
@@ -216,6 +220,9 @@ class Settings:
                      "sweep_interval_s", "header_timeout_s", "max_job_cost",
                      "client_rate_per_min"):
             need(getattr(self, name) > 0, name, "use a positive number of seconds")
+        need(not self.store_url or urlsplit(self.store_url).scheme in ("postgresql", "postgres"),
+             "store_url", "use postgresql://user:password@host:5432/dbname, or nothing for "
+             "SQLite in the data dir")
         need(self.max_message_bytes > self.max_upload_bytes, "max_message_bytes",
              "make it larger than IMGPIPE_MAX_UPLOAD_BYTES so an accepted image fits a message")
         need(self.worker_serves in ("light", "heavy", "all"), "worker_serves",
@@ -273,6 +280,7 @@ class Settings:
         secrets are shown as set or not, never their value."""
         return [{"variable": PREFIX + f.name.upper(),
                  "value": ("(set)" if getattr(self, f.name) else "") if f.name in SECRETS
+                 else redact(self.store_url) if f.name == "store_url"
                  else str(getattr(self, f.name)),
                  "doc": f.metadata.get("doc", "")} for f in dataclasses.fields(self)]
 
@@ -282,6 +290,14 @@ class Settings:
 _NOT_SETTINGS = {"url", "api_key"}
 SECRETS = ("api_keys", "admin_key")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def redact(url: str) -> str:
+    """``url`` with its password shown as ``***`` (`imgpipe config`, logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def is_loopback(host: str) -> bool:

@@ -1,32 +1,40 @@
-"""The job store: SQLite (WAL) for state, a :class:`~imgpipe.core.blobs.Blobs` for images.
+"""The job store: jobs in SQL (SQLite or PostgreSQL), images in a
+:class:`~imgpipe.core.blobs.Blobs` (files beside the database by default, or a
+shared directory or an S3 bucket). Callers get the records of
+:mod:`imgpipe.core.records`, never rows, paths or keys.
 
-``jobs.sqlite3`` under the data dir holds jobs, images and outputs (one row per image
-x chain); the images live in the blob store (files beside the database by default, or
-a shared directory or an S3 bucket: :mod:`imgpipe.core.blobs`). Callers get the
-records of :mod:`imgpipe.core.records`, never rows, paths or keys.
+Two databases, one contract, the SQL written once (:mod:`imgpipe.core.sql` translates
+the little that differs; :mod:`imgpipe.core.schema` versions the tables):
 
-Several processes share the database (gunicorn workers, ventilator, sink): WAL lets
-readers run beside the one writer, ``busy_timeout`` makes writers queue instead of
-failing, and ``synchronous=NORMAL`` keeps a commit under a millisecond while staying
-durable across process crashes (only a power loss may drop the last commits).
-Connections are per thread.
+* **SQLite** (the default, ``jobs.sqlite3`` in the data dir): WAL lets readers run
+  beside the one writer, ``busy_timeout`` makes writers queue instead of failing, and
+  ``synchronous=NORMAL`` keeps a commit under a millisecond while staying durable
+  across process crashes (only a power loss may drop the last commits). Connections
+  are per thread.
+* **PostgreSQL** (``IMGPIPE_STORE_URL=postgresql://…``): a bounded psycopg pool per
+  process; writes run at READ COMMITTED, multi-query reads in a REPEATABLE READ
+  snapshot.
 
 Results are exactly-once because ``done`` and ``failed`` are final: the first
 :meth:`Store.complete` or :meth:`Store.fail` wins and later ones report a duplicate.
+The claim is one conditional ``UPDATE … WHERE state NOT IN ('done', 'failed')`` on
+both databases (on PostgreSQL a concurrent loser waits for the winner's row, re-checks
+the condition and updates nothing). Counters are bumped with ``value = value + ?``
+in the winner's transaction, always in the order of their names (so two transactions
+never wait on each other's counters), after every other row the transaction locks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from imgpipe.core.blobs import BlobFile, Blobs, DirBlobs, partial_grace
+from imgpipe.core import schema
+from imgpipe.core.blobs import BlobFile, Blobs, DirBlobs, open_blobs, partial_grace
+from imgpipe.core.config import Settings
 from imgpipe.core.protocol import STAGES, GravityNote
 from imgpipe.core.records import (
     FINAL,
@@ -45,154 +53,49 @@ from imgpipe.core.records import (
     split_task_id,
     task_id,
 )
+from imgpipe.core.schema import COUNTERS
+from imgpipe.core.sql import Db, open_backend
+
+Row = Mapping[str, Any]
 
 __all__ = ["Store", "NotFound"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
-    finished REAL,
-    state TEXT NOT NULL,
-    total INTEGER NOT NULL,
-    done INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0,
-    owner TEXT  -- sha256 of the API key that made it (or of the client address)
-);
-CREATE TABLE IF NOT EXISTS images (
-    job_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    format TEXT NOT NULL,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    sha256 TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (job_id, idx)
-);
-CREATE TABLE IF NOT EXISTS outputs (
-    task_id TEXT PRIMARY KEY,
-    job_id TEXT NOT NULL,
-    n INTEGER NOT NULL,
-    image INTEGER NOT NULL,
-    ops TEXT NOT NULL,
-    cost TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    worker TEXT,
-    width INTEGER,
-    height INTEGER,
-    bytes INTEGER,
-    content_type TEXT,
-    format TEXT,
-    error TEXT,
-    queued_at REAL NOT NULL,
-    dispatched_at REAL,
-    finished_at REAL,
-    t_queue REAL, t_decode REAL, t_filters REAL, t_encode REAL, t_total REAL,
-    cached INTEGER NOT NULL DEFAULT 0,
-    cache_key TEXT
-);
--- Running totals, changed in the transactions that change what they count.
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
--- Jobs that expired or were evicted: they answer 410, not 404 (kept TOMBSTONE_S).
-CREATE TABLE IF NOT EXISTS expired (id TEXT PRIMARY KEY, at REAL NOT NULL, owner TEXT);
--- The result cache: (image sha256, canonical chain) -> a done output holding the file.
-CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, job_id TEXT NOT NULL,
-                                  n INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS outputs_job ON outputs (job_id, n);
-CREATE INDEX IF NOT EXISTS outputs_open ON outputs (state, queued_at)
-    WHERE state IN ('queued', 'running');
-CREATE INDEX IF NOT EXISTS outputs_finished ON outputs (finished_at);
-CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
-"""
-# After _SCHEMA and _migrate: indexes on columns an older database gets by migration.
-_INDEXES = """
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished) WHERE finished IS NOT NULL;
-CREATE INDEX IF NOT EXISTS cache_job ON cache (job_id);
-CREATE INDEX IF NOT EXISTS expired_at ON expired (at);
-CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, state);
-"""
-# Columns added after the first release: (table, column, declaration); added when missing.
-_ADDED_COLUMNS = (
-    ("jobs", "bytes", "INTEGER NOT NULL DEFAULT 0"),
-    ("jobs", "owner", "TEXT"),
-    ("expired", "owner", "TEXT"),
-    ("images", "sha256", "TEXT NOT NULL DEFAULT ''"),
-    ("outputs", "cached", "INTEGER NOT NULL DEFAULT 0"),
-    ("outputs", "cache_key", "TEXT"),
-    ("outputs", "gravity", "TEXT"),  # records.Output.gravity: 'smart', 'center' or NULL
-)
 TOMBSTONE_S = 86400.0  # how long an expired job answers 410 before it is unknown (a row each)
-COUNTERS = ("jobs", "outputs", "done", "failed", "retries", "cache_hits", "cache_misses",
-            "jobs_expired", "jobs_evicted", "bytes")
 
 
 class Store:
-    """The job store under ``data_dir``, its images in ``blobs`` (by default files
-    under ``data_dir``). Thread-safe: one connection per thread."""
+    """The job store under ``data_dir``, its rows in SQLite there or in the PostgreSQL
+    database ``url`` names, its images in ``blobs`` (by default files under
+    ``data_dir``). Thread-safe."""
 
-    def __init__(self, data_dir: Path | str, *, blobs: Blobs | None = None) -> None:
+    def __init__(self, data_dir: Path | str, url: str = "", *, pool_size: int = 8,
+                 blobs: Blobs | None = None) -> None:
         self.root = Path(data_dir)
         self._blobs = blobs if blobs is not None else DirBlobs(self.root)
-        self._path = self.root / "jobs.sqlite3"
-        self._local = threading.local()
-        self._db().executescript(_SCHEMA)  # idempotent; executescript commits itself
-        self._migrate()
+        self._sql = open_backend(self.root, url, pool_size=pool_size)
+        schema.migrate(self._sql, self._blobs.bytes_used)
 
-    def _migrate(self) -> None:
-        """Bring a database of an older version up to this schema (idempotent; several
-        processes may race here, and the loser of a race finds the work done)."""
-        db = self._db()
-        for table, column, decl in _ADDED_COLUMNS:
-            have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                with contextlib.suppress(sqlite3.OperationalError):  # "duplicate column"
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-        db.executescript(_INDEXES)
-        with self._tx() as tx:
-            if tx.execute("SELECT COUNT(*) FROM counters").fetchone()[0] == 0:
-                # First start on this database (or one of an older version): count once.
-                t = tx.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(total), 0), COALESCE(SUM(done), 0),"
-                    " COALESCE(SUM(failed), 0) FROM jobs").fetchone()
-                retries = tx.execute("SELECT COALESCE(SUM(attempts - 1), 0) FROM outputs"
-                                     " WHERE attempts > 1").fetchone()[0]
-                found = dict(zip(("jobs", "outputs", "done", "failed"), t, strict=True))
-                found["retries"] = retries
-                found["bytes"] = self._blobs.bytes_used()
-                tx.executemany("INSERT INTO counters VALUES (?, ?)",
-                               [(k, int(found.get(k, 0))) for k in COUNTERS])
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        return cls(settings.data_dir, settings.store_url, pool_size=settings.store_pool_size,
+                   blobs=open_blobs(settings))
+
+    @property
+    def backend(self) -> str:
+        """``sqlite`` or ``postgres``."""
+        return self._sql.name
 
     # --- connections ----------------------------------------------------------------
-    def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self._path, timeout=30, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-        return db
+    def _db(self) -> contextlib.AbstractContextManager[Db]:
+        """A connection for one statement (its own transaction)."""
+        return self._sql.connection()
 
-    @contextmanager
-    def _tx(self, mode: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
+    def _tx(self, mode: str = "IMMEDIATE") -> contextlib.AbstractContextManager[Db]:
         """A transaction: IMMEDIATE to write, DEFERRED for a consistent read."""
-        db = self._db()
-        db.execute(f"BEGIN {mode}")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        return self._sql.transaction(write=mode == "IMMEDIATE")
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        self._sql.close()
 
     # --- blobs --------------------------------------------------------------------------
     def save_original(self, job_id: str, idx: int, fmt: str, data: bytes | memoryview) -> None:
@@ -213,8 +116,9 @@ class Store:
         self._blobs.remove_originals(job_id)
 
     def read_original(self, job_id: str, image: int) -> bytes:
-        row = self._db().execute("SELECT format FROM images WHERE job_id=? AND idx=?",
-                                 (check_id(job_id), image)).fetchone()
+        with self._db() as db:
+            row = db.execute("SELECT format FROM images WHERE job_id=? AND idx=?",
+                             (check_id(job_id), image)).fetchone()
         if row is None:
             raise NotFound(f"job {job_id} has no image {image}")
         return self._blobs.read_original(job_id, image, row["format"])
@@ -288,8 +192,7 @@ class Store:
             _bump(db, jobs=1, outputs=total, done=done, bytes=originals + cached_bytes,
                   cache_hits=done, cache_misses=looked - done)
 
-    def _cached(self, db: sqlite3.Connection, key: str, job_id: str,
-                n: int) -> sqlite3.Row | None:
+    def _cached(self, db: Db, key: str, job_id: str, n: int) -> Row | None:
         """The done output ``key`` names, its file linked as output ``n`` of ``job_id``;
         None on a miss (or when the file went missing: the entry is dropped). The entry
         then names the new copy, so an image asked for again and again stays cached
@@ -321,23 +224,23 @@ class Store:
 
     def output(self, job_id: str, n: int, *, owner: str | None = None) -> Output:
         self.job_state(job_id, owner=owner)  # NotFound or Gone for the job first
-        row = self._db().execute("SELECT * FROM outputs WHERE job_id=? AND n=?",
-                                 (job_id, n)).fetchone()
+        with self._db() as db:
+            row = db.execute("SELECT * FROM outputs WHERE job_id=? AND n=?",
+                             (job_id, n)).fetchone()
         if row is None:
             raise NotFound(f"job {job_id} has no output {n}", field="n")
         return _output(row)
 
     def job_state(self, job_id: str, *, owner: str | None = None) -> str:
-        db = self._db()
-        row = db.execute("SELECT state, owner FROM jobs WHERE id=?",
-                         (check_id(job_id),)).fetchone()
-        if row is None or not _owns(row, owner):
-            raise self._missing(db, job_id, owner, row)
+        with self._db() as db:
+            row = db.execute("SELECT state, owner FROM jobs WHERE id=?",
+                             (check_id(job_id),)).fetchone()
+            if row is None or not _owns(row, owner):
+                raise self._missing(db, job_id, owner, row)
         return str(row["state"])
 
     @staticmethod
-    def _missing(db: sqlite3.Connection, job_id: str, owner: str | None,
-                 row: sqlite3.Row | None) -> NotFound | Gone:
+    def _missing(db: Db, job_id: str, owner: str | None, row: Row | None) -> NotFound | Gone:
         """Gone for a job of ``owner`` that expired (while its tombstone lasts), else
         NotFound: an unknown id, or another owner's job, live or expired."""
         if row is None:
@@ -372,11 +275,12 @@ class Store:
         marks = ",".join("?" * len(states))
         # The literal condition is the partial index's own: with bound values alone
         # SQLite cannot prove the index covers them and scans every output ever stored.
-        rows = self._db().execute(
-            f"SELECT task_id, job_id, n, image, ops, cost, state, attempts, queued_at"
-            f" FROM outputs WHERE state IN ('queued', 'running') AND state IN ({marks})"
-            f" ORDER BY queued_at, job_id, n LIMIT ?", (*states, limit)).fetchall()
-        return [OpenTask(*r) for r in rows]  # columns in field order
+        with self._db() as db:
+            rows = db.execute(
+                f"SELECT task_id, job_id, n, image, ops, cost, state, attempts, queued_at"
+                f" FROM outputs WHERE state IN ('queued', 'running') AND state IN ({marks})"
+                f" ORDER BY queued_at, job_id, n LIMIT ?", (*states, limit)).fetchall()
+        return [OpenTask(**r) for r in rows]  # the columns are the fields
 
     def mark_dispatched(self, tid: str, attempt: int, *, now: float | None = None) -> bool:
         """Record dispatch number ``attempt``; False if the output is already final."""
@@ -394,7 +298,8 @@ class Store:
         return cur.rowcount > 0
 
     def is_final(self, tid: str) -> bool:
-        row = self._db().execute("SELECT state FROM outputs WHERE task_id=?", (tid,)).fetchone()
+        with self._db() as db:
+            row = db.execute("SELECT state FROM outputs WHERE task_id=?", (tid,)).fetchone()
         return row is None or row["state"] in FINAL
 
     # --- the sink's side ---------------------------------------------------------------------
@@ -441,32 +346,32 @@ class Store:
             if hit is None:
                 return None
             col = "done" if state == "done" else "failed"
-            db.execute(f"UPDATE jobs SET {col}={col}+1, bytes=bytes+? WHERE id=?",
-                       (nbytes, job_id))
-            _bump(db, **{col: 1, "bytes": nbytes})
-            if state == "done" and hit["cache_key"]:
-                db.execute("INSERT OR REPLACE INTO cache VALUES (?, ?, ?)",
-                           (hit["cache_key"], job_id, n))
-            job = db.execute("SELECT total, done, failed FROM jobs WHERE id=?",
-                             (job_id,)).fetchone()
+            job = db.execute(f"UPDATE jobs SET {col}={col}+1, bytes=bytes+? WHERE id=?"
+                             " RETURNING total, done, failed", (nbytes, job_id)).fetchone()
             new = job_state(job["total"], job["done"], job["failed"])
             db.execute("UPDATE jobs SET state=?, finished=? WHERE id=?",
                        (new, now if new in FINAL_JOB else None, job_id))
+            if state == "done" and hit["cache_key"]:
+                db.execute("INSERT INTO cache (key, job_id, n) VALUES (?, ?, ?)"
+                           " ON CONFLICT (key) DO UPDATE SET job_id = excluded.job_id,"
+                           " n = excluded.n", (hit["cache_key"], job_id, n))
+            _bump(db, **{col: 1, "bytes": nbytes})
         return new
 
     # --- numbers ---------------------------------------------------------------------------
     def open_jobs_of(self, owner: str) -> int:
         """Jobs of ``owner`` not final yet (queued or running), by the owner index."""
-        row = self._db().execute(
-            "SELECT COUNT(*) FROM jobs WHERE owner=? AND state IN ('queued', 'running')",
-            (owner,)).fetchone()
-        return int(row[0])
+        with self._db() as db:
+            row = db.execute("SELECT COUNT(*) AS c FROM jobs WHERE owner=?"
+                             " AND state IN ('queued', 'running')", (owner,)).fetchone()
+        return int(row["c"])
 
     def counts(self) -> Counts:
         """Open outputs by state (the open index makes this cheap)."""
-        rows = self._db().execute(
-            "SELECT state, COUNT(*) AS c FROM outputs WHERE state IN ('queued', 'running')"
-            " GROUP BY state").fetchall()
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT state, COUNT(*) AS c FROM outputs WHERE state IN ('queued', 'running')"
+                " GROUP BY state").fetchall()
         return Counts(**{r["state"]: r["c"] for r in rows})
 
     def open_count(self) -> int:
@@ -474,33 +379,78 @@ class Store:
 
     def done_since(self, window_s: float) -> int:
         """Outputs finished ``done`` in the last ``window_s`` seconds (a count, by index)."""
-        row = self._db().execute(
-            "SELECT COUNT(*) FROM outputs WHERE finished_at >= ? AND state = 'done'",
-            (time.time() - window_s,)).fetchone()
-        return int(row[0])
+        with self._db() as db:
+            row = db.execute(
+                "SELECT COUNT(*) AS c FROM outputs WHERE finished_at >= ? AND state = 'done'",
+                (time.time() - window_s,)).fetchone()
+        return int(row["c"])
 
     def recent_outputs(self, window_s: float, *, now: float | None = None) -> list[Finished]:
         """Outputs that finished in the last ``window_s`` seconds, oldest first."""
         now = time.time() if now is None else now
-        rows = self._db().execute(
-            "SELECT state, attempts, queued_at, finished_at, t_queue, t_decode, t_filters,"
-            " t_encode, t_total FROM outputs WHERE finished_at >= ? ORDER BY finished_at",
-            (now - window_s,)).fetchall()
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT state, attempts, queued_at, finished_at, t_queue, t_decode, t_filters,"
+                " t_encode, t_total FROM outputs WHERE finished_at >= ? ORDER BY finished_at",
+                (now - window_s,)).fetchall()
         return [Finished(r["state"], r["attempts"], r["queued_at"], r["finished_at"],
                          _timings(r)) for r in rows]
 
     def totals(self) -> Totals:
         """The running counters (one indexed read, whatever the history)."""
-        rows = self._db().execute("SELECT name, value FROM counters").fetchall()
+        with self._db() as db:
+            rows = db.execute("SELECT name, value FROM counters").fetchall()
         return Totals(**{r["name"]: r["value"] for r in rows if r["name"] in COUNTERS})
+
+    # --- named leases ---------------------------------------------------------------------
+    def acquire_lease(self, name: str, holder: str, ttl_s: float, *,
+                      now: float | None = None) -> int | None:
+        """Take or renew the lease ``name`` for ``ttl_s`` seconds: its fencing token, or
+        None while another holder's lease is live.
+
+        The token grows by one each time the lease changes hands or is taken again after
+        it expired or was released, and stays the same when a live holder renews: every
+        tenure has its own token, larger than any before it, so whatever the lease
+        guards can refuse a write carrying an older one (a holder that paused past its
+        expiry). One statement, so two holders racing cannot both win. Expiry is judged
+        on the callers' clocks (``now``): they must agree to well within ``ttl_s``.
+        """
+        now = time.time() if now is None else now
+        with self._db() as db:
+            row = db.execute(
+                "INSERT INTO leases (name, holder, token, expires) VALUES (?, ?, 1, ?)"
+                " ON CONFLICT (name) DO UPDATE SET"
+                " token = CASE WHEN leases.holder = excluded.holder AND leases.expires > ?"
+                " THEN leases.token ELSE leases.token + 1 END,"
+                " holder = excluded.holder, expires = excluded.expires"
+                " WHERE leases.holder = excluded.holder OR leases.expires <= ?"
+                " RETURNING token", (name, holder, now + ttl_s, now, now)).fetchone()
+        return None if row is None else int(row["token"])
+
+    def release_lease(self, name: str, holder: str) -> bool:
+        """Give the lease up now if ``holder`` has it (its token is kept for the next
+        holder to exceed); whether it did."""
+        with self._db() as db:
+            cur = db.execute("UPDATE leases SET expires = 0 WHERE name = ? AND holder = ?"
+                             " AND expires > 0", (name, holder))
+            return bool(cur.rowcount)
+
+    def lease_holder(self, name: str, *, now: float | None = None) -> str | None:
+        """Who holds the lease ``name`` now, or None when nobody does."""
+        now = time.time() if now is None else now
+        with self._db() as db:
+            row = db.execute("SELECT holder FROM leases WHERE name = ? AND expires > ?",
+                             (name, now)).fetchone()
+        return None if row is None else str(row["holder"])
 
     # --- retention ----------------------------------------------------------------------------
     def finished_jobs(self, *, before: float | None = None, limit: int = 200) -> list[str]:
         """Ids of finished jobs, oldest first; only those finished before ``before``."""
-        rows = self._db().execute(
-            "SELECT id FROM jobs WHERE finished IS NOT NULL AND finished < ?"
-            " ORDER BY finished LIMIT ?",
-            (float("inf") if before is None else before, limit)).fetchall()
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT id FROM jobs WHERE finished IS NOT NULL AND finished < ?"
+                " ORDER BY finished LIMIT ?",
+                (float("inf") if before is None else before, limit)).fetchall()
         return [r["id"] for r in rows]
 
     def drop_jobs(self, job_ids: Sequence[str], *, why: str = "expired",
@@ -525,7 +475,9 @@ class Store:
             for table, col in (("outputs", "job_id"), ("images", "job_id"),
                                ("cache", "job_id"), ("jobs", "id")):
                 db.execute(f"DELETE FROM {table} WHERE {col} IN ({marks})", ids)
-            db.executemany("INSERT OR REPLACE INTO expired VALUES (?, ?, ?)",
+            db.executemany("INSERT INTO expired (id, at, owner) VALUES (?, ?, ?)"
+                           " ON CONFLICT (id) DO UPDATE SET at = excluded.at,"
+                           " owner = excluded.owner",
                            [(r["id"], now, r["owner"]) for r in gone])
             db.execute("DELETE FROM expired WHERE at < ?", (now - TOMBSTONE_S,))
             _bump(db, bytes=-freed, **{f"jobs_{why}": len(ids)})
@@ -536,10 +488,10 @@ class Store:
         """Remove what crashes left (uploads cut off, originals or outputs of jobs that
         were never recorded or were dropped, half-written outputs) whose files are older
         than ``older_than`` (epoch seconds); how many were removed."""
-        db = self._db()
-
         def known(job_id: str) -> bool:
-            return db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone() is not None
+            with self._db() as db:
+                return db.execute("SELECT 1 FROM jobs WHERE id=?",
+                                  (job_id,)).fetchone() is not None
 
         return self._blobs.sweep(known, older_than)
 
@@ -548,17 +500,17 @@ def _timing_fields(timings: dict[str, float]) -> dict[str, float]:
     return {f"t_{k}": v for k, v in timings.items() if k in STAGES}
 
 
-def _timings(row: sqlite3.Row) -> dict[str, float | None]:
+def _timings(row: Row) -> dict[str, float | None]:
     return {k: row[f"t_{k}"] for k in STAGES}
 
 
-def _job(row: sqlite3.Row, outputs: tuple[Output, ...]) -> Job:
+def _job(row: Row, outputs: tuple[Output, ...]) -> Job:
     return Job(id=row["id"], state=row["state"], created=row["created"],
                finished=row["finished"], total=row["total"], done=row["done"],
                failed=row["failed"], outputs=outputs, owner=row["owner"])
 
 
-def _output(r: sqlite3.Row) -> Output:
+def _output(r: Row) -> Output:
     return Output(
         task_id=r["task_id"], job_id=r["job_id"], n=r["n"], image=r["image"], ops=r["ops"],
         cost=r["cost"], state=r["state"], attempts=r["attempts"], queued_at=r["queued_at"],
@@ -568,11 +520,12 @@ def _output(r: sqlite3.Row) -> Output:
         timings_ms=_timings(r), cached=bool(r["cached"]), gravity=r["gravity"])
 
 
-def _owns(row: sqlite3.Row, owner: str | None) -> bool:
+def _owns(row: Row, owner: str | None) -> bool:
     return owner is None or row["owner"] == owner
 
 
-def _bump(db: sqlite3.Connection, **deltas: int) -> None:
-    """Add to counters inside the caller's transaction."""
+def _bump(db: Db, **deltas: int) -> None:
+    """Add to counters inside the caller's transaction, in the order of their names (the
+    order PostgreSQL locks their rows in: two bumps never wait on each other)."""
     db.executemany("UPDATE counters SET value = value + ? WHERE name = ?",
-                   [(v, k) for k, v in deltas.items() if v])
+                   [(v, k) for k, v in sorted(deltas.items()) if v])

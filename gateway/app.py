@@ -12,7 +12,6 @@ from typing import Any
 
 import falcon
 
-from imgpipe.core.blobs import open_blobs
 from imgpipe.core.config import Settings
 from imgpipe.core.store import Store
 from imgpipe.gateway import errors
@@ -60,7 +59,7 @@ def create_app(settings: Settings, *, store: Store | None = None,
     """The gateway's WSGI app over ``settings.data_dir``'s job store."""
     if settings.test_hooks:
         _enable_test_filters()
-    store = store or Store(settings.data_dir, blobs=open_blobs(settings))
+    store = store or Store.from_settings(settings)
     pipeline = pipeline or Pipeline(settings)
     view = FleetView(settings, store, pipeline)
     metrics = RequestMetrics(view.metrics)

@@ -27,7 +27,6 @@ from typing import Any
 import zmq
 
 from imgpipe.core import lease, retention
-from imgpipe.core.blobs import open_blobs
 from imgpipe.core.config import Settings, add_settings_args, settings_from_args
 from imgpipe.core.errors import ProtocolError
 from imgpipe.core.protocol import Metric, Result, decode, encode_topic
@@ -45,7 +44,7 @@ POLL_MS = 100
 def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
     auth = start_authenticator(ctx, settings)
-    store = Store(settings.data_dir, blobs=open_blobs(settings))
+    store = Store.from_settings(settings)
     removed = store.remove_partial_outputs()
     if removed:
         log.info("removed %d half-written output file(s) of a previous run", removed)
@@ -111,8 +110,8 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imgpipe sink", description=__doc__.split("\n")[0])
-    add_settings_args(parser, "data_dir", "bind_host", "result_endpoint", "event_endpoint",
-                      "bus_endpoint", "dashboard_bus_endpoint", "metrics_interval_s",
-                      "log_level")
+    add_settings_args(parser, "data_dir", "store_url", "bind_host", "result_endpoint",
+                      "event_endpoint", "bus_endpoint", "dashboard_bus_endpoint",
+                      "metrics_interval_s", "log_level")
     settings = settings_from_args(parser.parse_args(list(argv or [])))
     return serve(run, settings, "sink")

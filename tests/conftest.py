@@ -15,11 +15,41 @@ from imgpipe.core.config import Settings
 from imgpipe.core.store import Store
 from tests.support import S3_ENV, free_port, make_settings, new_bucket, wait_for
 
+BACKENDS = ("sqlite", "postgres")
+
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Settings on private ipc:// endpoints and free ports, data under tmp_path."""
     return make_settings(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """A PostgreSQL server for the whole session, from Debian's `postgresql` package,
+    in a temp dir (bench/pgserver.py). Without the binaries a test that needs it skips,
+    saying why, and fails instead under CI=true (.ci/system-deps.sh installs them)."""
+    from imgpipe.bench.pgserver import PgServer, PgUnavailable
+
+    try:
+        server = PgServer().start()
+    except PgUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but no PostgreSQL to test on: {exc}")
+        pytest.skip(f"no PostgreSQL here: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn: "" (SQLite in the data dir), then a new, empty PostgreSQL
+    database of the session's server (a database per test: tests stay independent)."""
+    if request.param == "sqlite":
+        return ""
+    return str(request.getfixturevalue("pg_server").new_database())
 
 
 class TrackingContext(zmq.Context):  # type: ignore[type-arg]
@@ -161,8 +191,8 @@ def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Blobs]:
 
 
 @pytest.fixture
-def store(tmp_path: Path, blobs: Blobs) -> Iterator[Store]:
-    """A job store under tmp_path with each blob store in turn."""
-    s = Store(tmp_path, blobs=blobs)
+def store(tmp_path: Path, store_url: str, blobs: Blobs) -> Iterator[Store]:
+    """A job store under tmp_path on each backend, with each blob store, in turn."""
+    s = Store(tmp_path, store_url, blobs=blobs)
     yield s
     s.close()

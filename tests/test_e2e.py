@@ -24,8 +24,10 @@ def post(url: str, images: list[bytes], chains: list[str], **params: Any) -> htt
                       params=params, timeout=120)
 
 
-def test_twenty_images_three_chains_match_the_library_in_process(stack_factory: Any) -> None:
-    stack = stack_factory(3)
+def test_twenty_images_three_chains_match_the_library_in_process(stack_factory: Any,
+                                                                 store_url: str) -> None:
+    """On each job store backend (SQLite, PostgreSQL)."""
+    stack = stack_factory(3, store_url=store_url)
     images = [jpeg(640 + 16 * i, 360 + 8 * i, seed=i) for i in range(20)]
     jobs = []
     for batch in (images[:10], images[10:]):  # two jobs: 16 images is the per-job limit

@@ -83,8 +83,11 @@ def fleet_stats(stack: Any) -> dict[str, Any]:
         ctx.term()
 
 
-def test_workers_killed_every_second_and_a_half_lose_nothing(stack_factory: Any) -> None:
-    stack = stack_factory(3, env={"IMGPIPE_WORKER_DELAY_MS": "60"}, **HOOKS)
+def test_workers_killed_every_second_and_a_half_lose_nothing(stack_factory: Any,
+                                                             store_url: str) -> None:
+    """On each job store backend (SQLite, PostgreSQL)."""
+    stack = stack_factory(3, env={"IMGPIPE_WORKER_DELAY_MS": "60"}, store_url=store_url,
+                          **HOOKS)
     img = jpeg(640, 360)
     ids = [submit(stack.url, [img] * 8, ["resize:w=320", "blur:radius=1"]) for _ in range(10)]
     killed = []
@@ -146,9 +149,12 @@ def test_a_poison_task_fails_after_three_attempts_and_the_rest_complete(
 
 
 @pytest.mark.parametrize("victim", ["ventilator", "sink", "gateway"])
-def test_a_stable_node_killed_mid_run_loses_no_accepted_job(stack_factory: Any,
-                                                           victim: str) -> None:
-    stack = stack_factory(2, env={"IMGPIPE_WORKER_DELAY_MS": "40"}, **HOOKS)
+def test_a_stable_node_killed_mid_run_loses_no_accepted_job(stack_factory: Any, victim: str,
+                                                           store_url: str) -> None:
+    """On each job store backend: a node killed while it holds pooled PostgreSQL
+    connections (mid-transaction, perhaps) loses nothing either."""
+    stack = stack_factory(2, env={"IMGPIPE_WORKER_DELAY_MS": "40"}, store_url=store_url,
+                          **HOOKS)
     img = jpeg(640, 360)
     ids = [submit(stack.url, [img] * 6, ["resize:w=320", "blur:radius=1"]) for _ in range(6)]
     wait_for(lambda: any(httpx.get(f"{stack.url}/api/jobs/{i}", timeout=10).json()["progress"]

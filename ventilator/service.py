@@ -32,7 +32,6 @@ from typing import Any
 import zmq
 
 from imgpipe.core import lease
-from imgpipe.core.blobs import open_blobs
 from imgpipe.core.config import Settings, add_settings_args, settings_from_args
 from imgpipe.core.errors import ImgpipeError, ProtocolError
 from imgpipe.core.protocol import (
@@ -77,7 +76,7 @@ class Ventilator:
 
     def __init__(self, settings: Settings, ctx: zmq.Context[Any]) -> None:
         self.settings = settings
-        self.store = Store(settings.data_dir, blobs=open_blobs(settings))
+        self.store = Store.from_settings(settings)
         self.lease_key = lease.load_key(settings.data_dir)
         self.source = f"ventilator@{socket.gethostname()}:{os.getpid()}"
         self.disp = Dispatcher(settings, source=self.source, is_final=self.store.is_final,
@@ -290,7 +289,7 @@ def peer_key(frame: Any) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imgpipe ventilator", description=__doc__.split("\n")[0])
-    add_settings_args(parser, "data_dir", "bind_host", "intake_endpoint",
+    add_settings_args(parser, "data_dir", "store_url", "bind_host", "intake_endpoint",
                       "light_task_endpoint", "heavy_task_endpoint", "bus_endpoint",
                       "event_endpoint", "control_endpoint", "dashboard_bus_endpoint",
                       "task_timeout_s", "max_attempts", "heartbeat_interval_s",

@@ -50,6 +50,8 @@ def test_from_env_rejects_bad_values(env: dict[str, str], needle: str) -> None:
     ({"autoscale": "5:2"}, "MIN:MAX"),
     ({"max_message_bytes": 10}, "larger than IMGPIPE_MAX_UPLOAD_BYTES"),
     ({"curve_client_secret_file": "/k.key_secret"}, "server public key"),
+    ({"store_url": "mysql://db/x"}, "postgresql://"),
+    ({"store_pool_size": 0}, "at least 1"),
 ])
 def test_validate_says_what_to_change(overrides: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
@@ -78,3 +80,11 @@ def test_parse_range() -> None:
     assert parse_range("3:3") == (3, 3)
     for bad in ("0:2", "4:1", "x:2", "3", ""):
         assert parse_range(bad) is None
+
+
+def test_the_store_url_is_shown_without_its_password() -> None:
+    s = Settings(store_url="postgresql://imgpipe:s3cret@db:5432/jobs").validate()
+    shown = next(d["value"] for d in s.describe() if d["variable"] == "IMGPIPE_STORE_URL")
+    assert shown == "postgresql://imgpipe:***@db:5432/jobs"
+    assert Settings.from_env(s.to_env()).store_url == s.store_url  # children get it whole
+    assert Settings(store_url="postgres:///jobs?host=/run/pg").validate().store_url

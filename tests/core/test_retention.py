@@ -8,6 +8,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,8 +38,8 @@ def finish(store: Store, j: str, *, now: float, data: bytes = PNG) -> None:
                            content_type="image/png", fmt="png", timings={}, now=now)
 
 
-def test_finished_jobs_expire_after_the_ttl_and_then_answer_gone(tmp_path: Path,
-                                                                  store: Store) -> None:
+def test_finished_jobs_expire_after_the_ttl_and_then_answer_gone(
+        tmp_path: Path, store: Store) -> None:
     settings = make_settings(tmp_path, job_ttl_s=60.0)
     old, young, running = job(store), job(store), job(store)
     finish(store, old, now=1000.0)
@@ -126,8 +127,7 @@ def test_a_repeat_is_served_from_the_cache_and_cache_0_bypasses_it(store: Store)
     assert store.job(job(store, sha="abc")).outputs[0].cached is True  # the newest holds it
 
 
-def test_a_cached_output_carries_the_gravity_note_of_the_one_it_copies(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_a_cached_output_carries_the_gravity_note_of_the_one_it_copies(store: Store) -> None:
     first = job(store, sha="abc", chains=3)
     for n, gravity in enumerate(("smart", "center", None)):
         store.complete(task_id(first, n), PNG, worker="w", attempt=1, width=2, height=3,
@@ -142,7 +142,9 @@ def test_an_old_database_gains_the_gravity_column(tmp_path: Path) -> None:
     j = job(store, chains=1)
     store.close()
     db = sqlite3.connect(tmp_path / "jobs.sqlite3")
-    db.execute("ALTER TABLE outputs DROP COLUMN gravity")  # as a store of the last release
+    # as a store of schema version 2, before the column
+    db.execute("ALTER TABLE outputs DROP COLUMN gravity")
+    db.execute("DELETE FROM schema_version WHERE version >= 3")
     db.commit()
     db.close()
     store = Store(tmp_path)
@@ -194,15 +196,17 @@ def _add_history(db_path: Path, rows: int) -> None:
 @pytest.mark.timeout(300)
 def test_metrics_cost_the_same_at_a_million_outputs(tmp_path: Path) -> None:
     """Every statement the store runs for /api/metrics and /metrics, counted in VM steps
-    with a thousand and with a million rows of finished history: the same work."""
+    with a thousand and with a million rows of finished history: the same work (SQLite;
+    on PostgreSQL the same statements use the same indexes)."""
     store = Store(tmp_path)
     statements: list[str] = []
-    store._db().set_trace_callback(statements.append)  # the SQL as run, values bound
+    db = store._sql.raw()  # type: ignore[attr-defined]  # SQLite: its connection
+    db.set_trace_callback(statements.append)  # the SQL as run, values bound
     store.counts()
     store.totals()
     store.done_since(30.0)
     store.recent_outputs(60.0)
-    store._db().set_trace_callback(None)
+    db.set_trace_callback(None)
     store.close()
     assert len(statements) == 4, statements
     path = tmp_path / "jobs.sqlite3"
@@ -211,3 +215,40 @@ def test_metrics_cost_the_same_at_a_million_outputs(tmp_path: Path) -> None:
     _add_history(path, 1_000_000)
     large = _steps(path, statements)
     assert large <= small * 1.05 + 50, (small, large, statements)
+
+
+def test_metrics_use_the_same_indexes_on_postgres(tmp_path: Path, pg_server: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The statements above, as the store runs them on PostgreSQL, planned over 200,000
+    rows of finished history: every read of ``outputs`` goes through an index."""
+    import psycopg
+
+    from imgpipe.core import sql
+
+    url = pg_server.new_database()
+    store = Store(tmp_path, url)
+    ran: list[tuple[str, tuple[Any, ...]]] = []
+    real = sql._PgDb.execute
+
+    def record(self: Any, text: str, params: Any = (), /) -> Any:
+        ran.append((text, tuple(params)))
+        return real(self, text, params)
+
+    monkeypatch.setattr(sql._PgDb, "execute", record)
+    store.counts()
+    store.totals()
+    store.done_since(30.0)
+    store.recent_outputs(60.0)
+    store.open_tasks()
+    monkeypatch.undo()
+    store.close()
+    assert len(ran) == 5, ran
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("INSERT INTO outputs (task_id, job_id, n, image, ops, cost, state,"
+                   " attempts, queued_at, finished_at, bytes) SELECT 'j:' || i, 'j', i, 0,"
+                   " 'x', 'light', 'done', 2, 1.0, 2.0, 10 FROM generate_series(1, 200000) i")
+        db.execute("ANALYZE")
+        for text, params in ran:
+            plan = "\n".join(r[0] for r in db.execute("EXPLAIN " + sql.pg_sql(text), params))
+            if "outputs" in text:
+                assert "Seq Scan on outputs" not in plan and "Index" in plan, (text, plan)

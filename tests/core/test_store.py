@@ -61,8 +61,7 @@ def test_first_completion_wins_and_job_state_follows(store: Store) -> None:
         assert fh.read() == b"png2"  # the duplicate's file write is harmless: same output
 
 
-def test_job_states_done_and_failed(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_job_states_done_and_failed(store: Store) -> None:
     ok, bad = make_job(store, 1, 1), make_job(store, 1, 1)
     store.complete(task_id(ok, 0), b"x", worker="w", attempt=1, width=1, height=1,
                    content_type="image/png", fmt="png", timings={})
@@ -70,8 +69,7 @@ def test_job_states_done_and_failed(tmp_path: Path) -> None:
     assert store.job_state(ok) == "done" and store.job_state(bad) == "failed"
 
 
-def test_open_tasks_and_counts(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_open_tasks_and_counts(store: Store) -> None:
     job = make_job(store, images=1, chains=3)
     store.mark_dispatched(task_id(job, 1), 1)
     store.fail(task_id(job, 2), "x")
@@ -84,8 +82,7 @@ def test_open_tasks_and_counts(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", ["../etc", "%2e%2e", "", "0" * 36, new_job_id().upper(),
                                  new_job_id() + "/x", None, 5])
-def test_hostile_ids_never_reach_the_filesystem(tmp_path: Path, bad: object) -> None:
-    store = Store(tmp_path)
+def test_hostile_ids_never_reach_the_filesystem(store: Store, bad: object) -> None:
     with pytest.raises(NotFound):
         check_id(bad)  # type: ignore[arg-type]
     with pytest.raises(NotFound):
@@ -94,8 +91,7 @@ def test_hostile_ids_never_reach_the_filesystem(tmp_path: Path, bad: object) -> 
         store.read_original(bad, 0)  # type: ignore[arg-type]
 
 
-def test_unknown_job_and_task_ids(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_unknown_job_and_task_ids(store: Store) -> None:
     with pytest.raises(NotFound):
         store.job(new_job_id())
     with pytest.raises(NotFound):
@@ -105,9 +101,9 @@ def test_unknown_job_and_task_ids(tmp_path: Path) -> None:
         store.output(job, 5)
 
 
-def test_concurrent_writers_from_threads_and_a_second_store(tmp_path: Path,
-                                                            store: Store) -> None:
-    a, b = store, Store(tmp_path, blobs=store._blobs)
+def test_concurrent_writers_from_threads_and_a_second_store(tmp_path: Path, store: Store,
+                                                            store_url: str) -> None:
+    a, b = store, Store(tmp_path, store_url, blobs=store._blobs)
     jobs = [make_job(a, 1, 4) for _ in range(5)]
     errors: list[BaseException] = []
 
@@ -128,3 +124,77 @@ def test_concurrent_writers_from_threads_and_a_second_store(tmp_path: Path,
     assert not errors
     assert all(a.job_state(j) == "done" for j in jobs)
     assert a.totals().done == 20
+    b.close()
+
+
+def test_many_completions_of_one_task_at_once_one_wins(tmp_path: Path, store: Store,
+                                                       store_url: str) -> None:
+    """Eight threads over two stores complete the same output at the same moment: one
+    wins, seven are told it was final, the counters count it once."""
+    other = Store(tmp_path, store_url)
+    job = make_job(store, images=1, chains=1)
+    tid = task_id(job, 0)
+    start = threading.Barrier(8)
+    won: list[str | None] = []
+
+    def finish(s: Store, k: int) -> None:
+        start.wait(10)
+        won.append(s.complete(tid, b"x%d" % k, worker=f"w{k}", attempt=1, width=1, height=1,
+                              content_type="image/png", fmt="png", timings={}))
+
+    threads = [threading.Thread(target=finish, args=((store, other)[k % 2], k))
+               for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    other.close()
+    assert len(won) == 8 and won.count("done") == 1 and won.count(None) == 7, won
+    rec = store.job(job)
+    assert (rec.state, rec.done, rec.failed) == ("done", 1, 0)
+    assert (store.totals().done, store.totals().outputs) == (1, 1)
+
+
+def test_a_lease_has_one_holder_and_its_token_grows_with_each_tenure(store: Store) -> None:
+    t0 = 1000.0
+    first = store.acquire_lease("ventilator", "a", 10.0, now=t0)
+    assert first is not None
+    assert store.acquire_lease("ventilator", "b", 10.0, now=t0 + 1) is None  # a holds it
+    assert store.lease_holder("ventilator", now=t0 + 1) == "a"
+    # Renewing a live lease keeps its token (the same tenure) and moves its expiry.
+    assert store.acquire_lease("ventilator", "a", 10.0, now=t0 + 5) == first
+    assert store.acquire_lease("ventilator", "b", 10.0, now=t0 + 12) is None  # renewed
+    # Expired: another holder takes it with a larger token; the old holder is out.
+    second = store.acquire_lease("ventilator", "b", 10.0, now=t0 + 16)
+    assert second == first + 1
+    assert store.acquire_lease("ventilator", "a", 10.0, now=t0 + 17) is None
+    assert store.lease_holder("ventilator", now=t0 + 17) == "b"
+    # Released: nobody holds it; the next tenure, even of the same holder, is a new token.
+    assert not store.release_lease("ventilator", "a")
+    assert store.release_lease("ventilator", "b")
+    assert store.lease_holder("ventilator", now=t0 + 18) is None
+    assert store.acquire_lease("ventilator", "b", 10.0, now=t0 + 18) == second + 1
+    # Leases are per name.
+    assert store.acquire_lease("other", "a", 10.0, now=t0 + 18) == 1
+    assert store.lease_holder("nobody") is None
+
+
+def test_holders_racing_for_a_free_lease_one_gets_it(tmp_path: Path, store: Store,
+                                                     store_url: str) -> None:
+    stores = [store, Store(tmp_path, store_url)]
+    start = threading.Barrier(6)
+    got: dict[str, int | None] = {}
+
+    def take(k: int) -> None:
+        start.wait(10)
+        got[f"h{k}"] = stores[k % 2].acquire_lease("fenced", f"h{k}", 30.0)
+
+    threads = [threading.Thread(target=take, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    stores[1].close()
+    winners = {h: tok for h, tok in got.items() if tok is not None}
+    assert len(got) == 6 and len(winners) == 1, got
+    assert store.lease_holder("fenced") == next(iter(winners))

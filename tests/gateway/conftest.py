@@ -17,7 +17,6 @@ import pytest
 import zmq
 from falcon import testing
 
-from imgpipe.core.blobs import open_blobs
 from imgpipe.core.config import Settings
 from imgpipe.core.protocol import Reply, Request, decode, encode
 from imgpipe.core.sockets import make_socket
@@ -31,7 +30,7 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = Store(settings.data_dir, blobs=open_blobs(settings))
+        self.store = Store.from_settings(settings)
         self.pipeline = Pipeline(settings)
         self.app = create_app(settings, store=self.store, pipeline=self.pipeline)
         self.client = testing.TestClient(self.app)

@@ -78,8 +78,7 @@ def test_a_result_for_an_output_failed_meanwhile_leaves_no_file(
     assert store.output(job, 0).state == "failed"
 
 
-def test_mismatched_ids_are_refused(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_mismatched_ids_are_refused(store: Store) -> None:
     job = make_job(store)
     res = result(job, 0)
     res.n = 1
@@ -88,8 +87,7 @@ def test_mismatched_ids_are_refused(tmp_path: Path) -> None:
     assert store.output(job, 1).state == "queued"
 
 
-def test_half_written_files_of_a_killed_sink_are_removed_at_start(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_half_written_files_of_a_killed_sink_are_removed_at_start(store: Store) -> None:
     job = make_job(store)
     h = ResultHandler(store, KEY)
     assert h.handle(result(job, 0, payload=b"done")).state == "done"
@@ -124,8 +122,7 @@ def test_a_result_without_the_lease_of_its_dispatch_is_dropped(store: Store) -> 
     assert h.handle(result(job, 0)).state == "done"  # the real one still counts
 
 
-def test_the_content_type_comes_from_the_format_not_the_header(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+def test_the_content_type_comes_from_the_format_not_the_header(store: Store) -> None:
     job = make_job(store)
     h = ResultHandler(store, KEY)
     res = result(job, 0)
