@@ -87,7 +87,9 @@ def test_mismatched_ids_are_refused(store: Store) -> None:
     assert store.output(job, 1).state == "queued"
 
 
-def test_half_written_files_of_a_killed_sink_are_removed_at_start(store: Store) -> None:
+def test_half_written_files_of_a_killed_sink_are_removed_at_start(tmp_path: Path,
+                                                                   store_url: str) -> None:
+    store = Store(tmp_path, store_url)  # files: an S3 put is whole, it leaves no half
     job = make_job(store)
     h = ResultHandler(store, KEY)
     assert h.handle(result(job, 0, payload=b"done")).state == "done"
