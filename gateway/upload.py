@@ -28,6 +28,7 @@ import hashlib
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -174,7 +175,7 @@ def parse_upload(req: falcon.Request, settings: Settings, store: Store) -> Uploa
     form = MultipartForm(BufferedReader(body.read, limit + 1, CHUNK), boundary, length, options)
     upload = Upload()
     specs: list[str] = []
-    try:
+    with _cleanup(upload, body):
         for part in form:
             name = part.name
             if name == "image":
@@ -198,6 +199,14 @@ def parse_upload(req: falcon.Request, settings: Settings, store: Store) -> Uploa
                           field="image")
         upload.chains, upload.negotiated = parse_chains(
             specs or list(DEFAULT_CHAINS), settings, accept=req.get_header("Accept"))
+    return upload
+
+
+@contextlib.contextmanager
+def _cleanup(upload: Upload, body: BodyReader) -> Iterator[None]:
+    """On any error the staged files go; either way the socket gets its timeout back."""
+    try:
+        yield
     except MultipartParseError as exc:
         upload.discard()
         raise BadForm(f"malformed multipart body: {exc.description}", field="body") from None
@@ -206,7 +215,6 @@ def parse_upload(req: falcon.Request, settings: Settings, store: Store) -> Uploa
         raise
     finally:
         body.restore()
-    return upload
 
 
 def _parse_raw(req: falcon.Request, body: BodyReader, settings: Settings,
@@ -215,7 +223,7 @@ def _parse_raw(req: falcon.Request, body: BodyReader, settings: Settings,
     (repeated for several): no multipart framing to scan. The format still comes from
     the bytes, never from the declared type."""
     upload = Upload()
-    try:
+    with _cleanup(upload, body):
         specs = _query_values(req, "ops")
         if len(specs) > settings.max_chains:
             raise FilterError(f"at most {settings.max_chains} ops chains per job", field="ops")
@@ -227,11 +235,6 @@ def _parse_raw(req: falcon.Request, body: BodyReader, settings: Settings,
         upload.chains, upload.negotiated = parse_chains(
             [x.strip() for x in specs] or list(DEFAULT_CHAINS), settings,
             accept=req.get_header("Accept"))
-    except BaseException:
-        upload.discard()
-        raise
-    finally:
-        body.restore()
     return upload
 
 

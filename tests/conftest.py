@@ -13,7 +13,7 @@ import zmq
 from imgpipe.core.blobs import Blobs, DirBlobs
 from imgpipe.core.config import Settings
 from imgpipe.core.store import Store
-from tests.support import S3_ENV, free_port, make_settings, new_bucket, wait_for
+from tests.support import S3_ENV, answers, free_port, make_settings, new_bucket, wait_for
 
 BACKENDS = ("sqlite", "postgres")
 
@@ -131,7 +131,6 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An S3-compatible server for the session: moto's (``moto[server]``, a PyPI
     package, so it installs wherever the tests do), in its own process on a free
     loopback port. Yields its endpoint URL; stopped at the end of the session."""
-    import httpx
 
     port = free_port()
     log = tmp_path_factory.mktemp("s3") / "moto.log"
@@ -141,18 +140,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                                  "-p", str(port)], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"moto_server exited with {proc.returncode}:\n"
-                                 f"{log.read_text(errors='replace')[-3000:]}")
-        try:
-            return httpx.get(f"{url}/moto-api/", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(answers, 60, interval=0.1, what=f"the S3 server at {url}")
+        wait_for(answers(proc, f"{url}/moto-api/", lambda: f"moto_server exited with "
+                         f"{proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"),
+                 60, interval=0.1, what=f"the S3 server at {url}")
         yield url
     finally:
         proc.terminate()

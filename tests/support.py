@@ -181,7 +181,6 @@ def start_stack(settings: Settings, workers: int, *extra: str,
 
     Fails loudly (with the stack's log) when it does not get there in time.
     """
-    import httpx
 
     log_path = settings.data_dir.parent / "stack.log"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -189,16 +188,10 @@ def start_stack(settings: Settings, workers: int, *extra: str,
                  log=log_path, env=env, cwd=cwd)
     stack = Stack(settings, proc, log_path)
 
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"imgpipe up exited with {proc.returncode}:\n{stack.log()}")
-        try:
-            return httpx.get(f"{stack.url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(healthy, 90, interval=0.2, what=f"stack healthy at {stack.url}")
+        wait_for(answers(proc, f"{stack.url}/healthz", lambda: f"imgpipe up exited with "
+                         f"{proc.returncode}:\n{stack.log()}"),
+                 90, interval=0.2, what=f"stack healthy at {stack.url}")
         if workers:
             stack.wait_workers(workers)
     except BaseException:
@@ -232,3 +225,19 @@ def fill_disk(path: Path) -> None:
                 fh.flush()
         except OSError:
             pass
+
+
+def answers(proc: subprocess.Popen[bytes], url: str, died: Callable[[], str]
+            ) -> Callable[[], bool]:
+    """A wait_for predicate: ``url`` answers 200; fails with ``died()`` once ``proc`` has
+    exited (a server that crashed is not waited for)."""
+    import httpx
+
+    def check() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(died())
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    return check
