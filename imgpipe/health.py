@@ -35,7 +35,13 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from imgpipe.core.config import Settings, add_settings_args, reachable_host, settings_from_args
+from imgpipe.core.config import (
+    Settings,
+    add_settings_args,
+    endpoints,
+    reachable_host,
+    settings_from_args,
+)
 from imgpipe.core.control import Unavailable, ask
 from imgpipe.core.errors import ImgpipeError
 
@@ -64,6 +70,24 @@ def local_endpoint(settings: Settings, endpoint: str) -> str:
     if not endpoint.startswith("tcp://"):
         return endpoint
     return f"tcp://{reachable_host(settings.bind_host)}:{urlsplit(endpoint).port}"
+
+
+def local_candidates(settings: Settings, setting: str) -> list[str]:
+    """Where this host's node may listen for an endpoint setting: one URL per entry (a
+    node of several binds the first entry free, so any of them may be its own)."""
+    return list(dict.fromkeys(local_endpoint(settings, e) for e in endpoints(setting)))
+
+
+def listening_any(candidates: Sequence[str], timeout: float) -> tuple[str | None, str | None]:
+    """(the first of ``candidates`` that accepts connections, None), or (None, why none
+    does)."""
+    whys = []
+    for endpoint in candidates:
+        why = listening(endpoint, timeout)
+        if why is None:
+            return endpoint, None
+        whys.append(why)
+    return None, "; ".join(whys) or "no endpoint set"
 
 
 def listening(endpoint: str, timeout: float) -> str | None:
@@ -140,9 +164,9 @@ def probe_gateway(settings: Settings, deadline: Deadline, *, url: str | None = N
 
 
 def probe_ventilator(ctx: zmq.Context[Any], settings: Settings, deadline: Deadline) -> Verdict:
-    endpoint = local_endpoint(settings, settings.control_endpoint)
-    why = listening(endpoint, deadline.left())
-    if why:
+    endpoint, why = listening_any(local_candidates(settings, settings.control_endpoint),
+                                  deadline.left())
+    if endpoint is None:
         return Verdict(False, f"ventilator: {why}")
     try:
         info = ask(ctx, settings, "ping", timeout=deadline.left(), endpoint=endpoint)
@@ -156,7 +180,7 @@ def probe_ventilator(ctx: zmq.Context[Any], settings: Settings, deadline: Deadli
 
 def _ask_ventilator(ctx: zmq.Context[Any], settings: Settings, op: str,
                     deadline: Deadline) -> tuple[Any, str | None]:
-    why = listening(settings.control_endpoint, deadline.left())
+    _, why = listening_any(endpoints(settings.control_endpoint), deadline.left())
     if why:
         return None, f"cannot ask the ventilator: {why}"
     try:
@@ -168,9 +192,9 @@ def _ask_ventilator(ctx: zmq.Context[Any], settings: Settings, op: str,
 
 
 def probe_sink(ctx: zmq.Context[Any], settings: Settings, deadline: Deadline) -> Verdict:
-    endpoint = local_endpoint(settings, settings.result_endpoint)
-    why = listening(endpoint, deadline.left())
-    if why:
+    endpoint, why = listening_any(local_candidates(settings, settings.result_endpoint),
+                                  deadline.left())
+    if endpoint is None:
         return Verdict(False, f"sink: result socket: {why}")
     stats, err = _ask_ventilator(ctx, settings, "stats", deadline)
     if err:
