@@ -65,7 +65,13 @@ def retention_turn(store: Store, holder: str, settings: Settings, now: float) ->
 def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
     auth = start_authenticator(ctx, settings)
-    store = Store.from_settings(settings)
+    try:
+        store = Store.from_settings(settings)
+    except BaseException:
+        # Else the authenticator's sockets keep ctx.term() waiting: a hang, not an exit.
+        if auth is not None:
+            auth.stop()
+        raise
     if len(endpoints(settings.result_endpoint)) == 1:
         # The only writer of outputs: what is half-written is a crash's. With several
         # sinks another may be writing now; the leader's leftover walk removes old ones.

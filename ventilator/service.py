@@ -373,11 +373,16 @@ class Ventilator:
 
 def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | None = None) -> None:
     auth = start_authenticator(ctx, settings)
-    vent = Ventilator(settings, ctx)
     try:
-        vent.loop(stop or threading.Event())
+        vent = Ventilator(settings, ctx)
+        try:
+            vent.loop(stop or threading.Event())
+        finally:
+            vent.close()
     finally:
-        vent.close()
+        # Also when the constructor raised (the store unreachable, a port taken): the
+        # authenticator's sockets would keep ctx.term() waiting for ever, and the
+        # process would hang instead of exiting for its restart policy.
         if auth is not None:
             auth.stop()
 
