@@ -16,6 +16,7 @@ import errno
 import fcntl
 import logging
 import os
+import socket
 import weakref
 from typing import Any
 
@@ -99,7 +100,8 @@ def bind_free(sock: zmq.Socket[Any], settings: Settings, setting: str) -> str:
     """Bind ``sock`` on the first entry of the endpoint setting no other process holds;
     the URL bound.
 
-    One entry binds as it always did. Of several (two ventilators or sinks run from one
+    One entry binds as it always did, except that an ipc:// path another process listens
+    on is refused with EADDRINUSE, as a tcp:// port in use is. Of several (two ventilators or sinks run from one
     configuration on one host), a tcp:// entry is taken when its port binds (the kernel
     refuses a port in use); an ipc:// entry when an exclusive ``flock`` on ``PATH.lock``
     succeeds (libzmq would silently take over a socket file in use), held as long as the
@@ -109,6 +111,9 @@ def bind_free(sock: zmq.Socket[Any], settings: Settings, setting: str) -> str:
     if len(entries) == 1:
         url = settings.bind_url(entries[0])
         _curve_server(sock, settings, url)
+        if url.startswith("ipc://") and _ipc_listening(url[len("ipc://"):]):
+            # As the kernel refuses a tcp:// port in use (libzmq would take the file over).
+            raise zmq.ZMQError(errno.EADDRINUSE, _in_use(url))
         sock.bind(url)
         return url
     for entry in entries:
@@ -130,6 +135,25 @@ def bind_free(sock: zmq.Socket[Any], settings: Settings, setting: str) -> str:
         return url
     raise ConfigError(f"every endpoint of {setting!r} is bound by another process: add one "
                       f"for this one", field="endpoint")
+
+
+def _in_use(url: str) -> str:
+    return (f"{url} is bound by another process (another ventilator or sink?): to run "
+            f"several, list one endpoint for each, comma-separated (docs/deploy.md)")
+
+
+def _ipc_listening(path: str) -> bool:
+    """Whether a process accepts connections on the unix socket ``path`` (binding it
+    again would silently take it over)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _lock_ipc(url: str) -> int:

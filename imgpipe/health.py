@@ -72,24 +72,6 @@ def local_endpoint(settings: Settings, endpoint: str) -> str:
     return f"tcp://{reachable_host(settings.bind_host)}:{urlsplit(endpoint).port}"
 
 
-def local_candidates(settings: Settings, setting: str) -> list[str]:
-    """Where this host's node may listen for an endpoint setting: one URL per entry (a
-    node of several binds the first entry free, so any of them may be its own)."""
-    return list(dict.fromkeys(local_endpoint(settings, e) for e in endpoints(setting)))
-
-
-def listening_any(candidates: Sequence[str], timeout: float) -> tuple[str | None, str | None]:
-    """(the first of ``candidates`` that accepts connections, None), or (None, why none
-    does)."""
-    whys = []
-    for endpoint in candidates:
-        why = listening(endpoint, timeout)
-        if why is None:
-            return endpoint, None
-        whys.append(why)
-    return None, "; ".join(whys) or "no endpoint set"
-
-
 def listening(endpoint: str, timeout: float) -> str | None:
     """None when something accepts connections at ``endpoint``, else why not.
 
@@ -163,10 +145,24 @@ def probe_gateway(settings: Settings, deadline: Deadline, *, url: str | None = N
     return Verdict(False, f"gateway answered {status} at {target}: {_brief(body)}")
 
 
+def listening_here(settings: Settings | None, setting: str,
+                   deadline: Deadline) -> tuple[str, str | None]:
+    """The first entry of an endpoint list that something listens on, or the last entry
+    and why nothing does. With ``settings``, each entry as this host binds it (same
+    port, bind_host): with two ventilators or sinks on one host, the probe of either
+    finds one of them."""
+    endpoint, why = "", None
+    for entry in endpoints(setting):
+        endpoint = local_endpoint(settings, entry) if settings is not None else entry
+        why = listening(endpoint, deadline.left())
+        if not why:
+            break
+    return endpoint, why
+
+
 def probe_ventilator(ctx: zmq.Context[Any], settings: Settings, deadline: Deadline) -> Verdict:
-    endpoint, why = listening_any(local_candidates(settings, settings.control_endpoint),
-                                  deadline.left())
-    if endpoint is None:
+    endpoint, why = listening_here(settings, settings.control_endpoint, deadline)
+    if why:
         return Verdict(False, f"ventilator: {why}")
     try:
         info = ask(ctx, settings, "ping", timeout=deadline.left(), endpoint=endpoint)
@@ -174,13 +170,14 @@ def probe_ventilator(ctx: zmq.Context[Any], settings: Settings, deadline: Deadli
         return Verdict(False, f"ventilator: {exc}")
     if not isinstance(info, dict) or info.get("role") != "ventilator":
         return Verdict(False, f"ventilator: {endpoint} answered ping with {info!r}")
-    return Verdict(True, f"ventilator answers at {endpoint} (pid {info.get('pid')}, "
+    state = f"{info['state']}, " if "state" in info else ""
+    return Verdict(True, f"ventilator answers at {endpoint} (pid {info.get('pid')}, {state}"
                          f"up {float(info.get('uptime_s') or 0):.0f} s)")
 
 
 def _ask_ventilator(ctx: zmq.Context[Any], settings: Settings, op: str,
                     deadline: Deadline) -> tuple[Any, str | None]:
-    _, why = listening_any(endpoints(settings.control_endpoint), deadline.left())
+    _, why = listening_here(None, settings.control_endpoint, deadline)
     if why:
         return None, f"cannot ask the ventilator: {why}"
     try:
@@ -192,9 +189,8 @@ def _ask_ventilator(ctx: zmq.Context[Any], settings: Settings, op: str,
 
 
 def probe_sink(ctx: zmq.Context[Any], settings: Settings, deadline: Deadline) -> Verdict:
-    endpoint, why = listening_any(local_candidates(settings, settings.result_endpoint),
-                                  deadline.left())
-    if endpoint is None:
+    endpoint, why = listening_here(settings, settings.result_endpoint, deadline)
+    if why:
         return Verdict(False, f"sink: result socket: {why}")
     stats, err = _ask_ventilator(ctx, settings, "stats", deadline)
     if err:

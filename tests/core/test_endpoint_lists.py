@@ -3,6 +3,7 @@ free entry, connecting to every entry — on real sockets."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,19 @@ def test_an_ipc_entry_in_use_is_skipped_and_free_again_once_released(
     assert bound_endpoint(c) == f"ipc://{d}/a"
     release(b)
     release(c)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "ipc"])
+def test_a_single_endpoint_in_use_is_refused_with_what_to_do(
+        tmp_path: Path, zctx: zmq.Context[Any], kind: str) -> None:
+    """A second ventilator on an unchanged configuration: refused (EADDRINUSE), not
+    silently taking over the first one's ipc:// socket file."""
+    one = f"tcp://127.0.0.1:{free_port()}" if kind == "tcp" else f"ipc://{short_dir()}/one"
+    settings = make_settings(tmp_path / "data")
+    first = make_socket(zctx, zmq.PULL, settings, bind=one)
+    try:
+        with pytest.raises(zmq.ZMQError) as err:
+            make_socket(zctx, zmq.PULL, settings, bind=one)
+        assert err.value.errno == errno.EADDRINUSE
+    finally:
+        first.close(0)
