@@ -183,14 +183,16 @@ def lease(site: Site) -> tuple[str, int]:
     raise AssertionError(f"the lease holder {holder!r} is no ventilator of this project")
 
 
-def log_time(cid: str, needle: str) -> float | None:
-    """When the container first logged a line containing ``needle`` (epoch seconds)."""
+def log_line(cid: str, needle: str) -> tuple[float, str] | None:
+    """When the container first logged a line containing ``needle`` (epoch seconds, by
+    the engine's clock), and what follows the needle."""
     proc = run(["docker", "logs", "-t", cid], check=False)
     for line in (proc.stdout + proc.stderr).splitlines():
         if needle in line:
             stamp = line.split(" ", 1)[0]            # RFC 3339 with nanoseconds, UTC
             whole, _, frac = stamp.rstrip("Z").partition(".")
-            return datetime.fromisoformat(whole + "+00:00").timestamp() + float(f"0.{frac or 0}")
+            at = datetime.fromisoformat(whole + "+00:00").timestamp() + float(f"0.{frac or 0}")
+            return at, line.split(needle, 1)[1].strip()
     return None
 
 
@@ -232,12 +234,12 @@ def test_killing_the_active_ventilator_mid_run_hands_over_to_the_standby(site: S
 
     new, new_token = lease(site)
     assert new == standby and new_token > token, (new, new_token, token)
-    first = wait_for(lambda: log_time(standby, "ventilator_takeover"), 30, interval=0.5,
-                     what="the standby's takeover logged")
-    took = log_time(standby, "ventilator active")
-    print(f"\nventilator takeover: lease taken {(took or first) - killed_at:.2f} s and first "
-          f"dispatch {first - killed_at:.2f} s after `docker kill` of the active one "
-          f"(lease token {token} -> {new_token})")
+    first, own = wait_for(lambda: log_line(standby, "ventilator_takeover"), 30, interval=0.5,
+                          what="the standby's takeover logged")
+    took = log_line(standby, "ventilator active")
+    print(f"\nventilator takeover: lease taken {(took[0] if took else first) - killed_at:.2f} s "
+          f"and first dispatch {first - killed_at:.2f} s after `docker kill` of the active "
+          f"one (lease token {token} -> {new_token}); the standby's own account: {own}")
     c = tally(site, docs)
     print(f"ventilator killed mid-run: {dict(c)}")
     assert_exactly_once(c)
