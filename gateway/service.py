@@ -58,7 +58,7 @@ from imgpipe.gateway.errors import ClientTimeout
 log = logging.getLogger(__name__)
 
 FLAGS = ("gateway_port", "gateway_host", "gateway_workers", "gateway_threads",
-         "gateway_timeout_s", "data_dir", "intake_endpoint", "event_endpoint",
+         "gateway_timeout_s", "data_dir", "store_url", "intake_endpoint", "event_endpoint",
          "control_endpoint", "bus_endpoint", "dashboard_bus_endpoint", "queue_limit",
          "max_upload_bytes", "max_pixels", "max_wait_s", "metrics_interval_s", "log_level",
          "header_timeout_s", "api_keys", "max_job_cost", "client_concurrency",

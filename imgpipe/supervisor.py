@@ -42,6 +42,7 @@ from imgpipe.core.config import (
     client_headers,
     parse_range,
     reachable_host,
+    redact,
     settings_from_args,
 )
 from imgpipe.core.control import SUPERVISOR_FILE, Unavailable, ask, supervisor_endpoint
@@ -296,6 +297,7 @@ class Supervisor:
             f"  results     {s.result_endpoint}   events {s.event_endpoint}",
             f"  control     {s.control_endpoint} (ventilator), {control} (this supervisor)",
             f"  bus         {', '.join(s.bus_endpoints)}",
+            f"  job store   {redact(s.store_url) or s.data_dir / 'jobs.sqlite3'}",
             "  scale with: imgpipe scale N" + (f" --data {s.data_dir}"
                                               if str(s.data_dir) != "data" else ""),
             "  stop with Ctrl-C",
@@ -354,7 +356,7 @@ def _reap(family: list[psutil.Process], sessions: set[int]) -> None:
 def main_up(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="imgpipe up", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_settings_args(parser, "workers", "data_dir", "gateway_port", "dashboard_port",
+    add_settings_args(parser, "workers", "data_dir", "store_url", "gateway_port", "dashboard_port",
                       "gateway_host", "autoscale", "worker_processes", "log_level")
     parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
     parser.add_argument("--insecure", action="store_const", const=True, default=None,

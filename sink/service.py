@@ -145,8 +145,8 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imgpipe sink", description=__doc__.split("\n")[0])
-    add_settings_args(parser, "data_dir", "bind_host", "result_endpoint", "event_endpoint",
-                      "bus_endpoint", "dashboard_bus_endpoint", "metrics_interval_s",
-                      "store_url", "log_level")
+    add_settings_args(parser, "data_dir", "store_url", "bind_host", "result_endpoint",
+                      "event_endpoint", "bus_endpoint", "dashboard_bus_endpoint",
+                      "metrics_interval_s", "log_level")
     settings = settings_from_args(parser.parse_args(list(argv or [])))
     return serve(run, settings, "sink")

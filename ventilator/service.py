@@ -397,11 +397,11 @@ def peer_key(frame: Any) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imgpipe ventilator", description=__doc__.split("\n")[0])
-    add_settings_args(parser, "data_dir", "bind_host", "intake_endpoint",
+    add_settings_args(parser, "data_dir", "store_url", "bind_host", "intake_endpoint",
                       "light_task_endpoint", "heavy_task_endpoint", "bus_endpoint",
                       "event_endpoint", "control_endpoint", "dashboard_bus_endpoint",
                       "task_timeout_s", "max_attempts", "heartbeat_interval_s",
                       "heartbeat_liveness", "lost_visible_s", "rescan_interval_s",
-                      "metrics_interval_s", "ventilator_lease_s", "store_url", "log_level")
+                      "metrics_interval_s", "ventilator_lease_s", "log_level")
     settings = settings_from_args(parser.parse_args(list(argv or [])))
     return serve(run, settings, "ventilator")

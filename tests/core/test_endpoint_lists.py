@@ -3,7 +3,9 @@ free entry, connecting to every entry — on real sockets."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,9 @@ import pytest
 import zmq
 
 from imgpipe.core.config import Settings, endpoints
+from imgpipe.core.control import ask
 from imgpipe.core.errors import ConfigError
+from imgpipe.core.protocol import Reply, encode
 from imgpipe.core.sockets import bound_endpoint, make_socket, release
 from tests.support import free_port, make_settings, recv, short_dir
 
@@ -91,3 +95,37 @@ def test_a_single_endpoint_in_use_is_refused_with_what_to_do(
         assert err.value.errno == errno.EADDRINUSE
     finally:
         first.close(0)
+
+
+def serve_once(ctx: zmq.Context[Any], settings: Settings, endpoint: str,
+               role: str) -> threading.Thread:
+    """A ROUTER at ``endpoint`` that answers one request as a ventilator in ``role``."""
+    router = make_socket(ctx, zmq.ROUTER, settings, bind=endpoint)
+
+    def answer() -> None:
+        try:
+            frames = recv(router, 10)
+            reply = Reply(ok=True, data={"from": role}, role=role)
+            router.send_multipart([*frames[:-1], *encode(reply)])
+        finally:
+            router.close(0)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_ask_takes_the_active_ventilators_answer_and_a_standbys_when_alone(
+        tmp_path: Path, zctx: zmq.Context[Any]) -> None:
+    d = short_dir()
+    a, b, dead = f"ipc://{d}/a", f"ipc://{d}/b", f"ipc://{d}/dead"
+    settings = make_settings(tmp_path / "data", control_endpoint=f"{a},{b}")
+    threads = [serve_once(zctx, settings, a, "standby"), serve_once(zctx, settings, b, "active")]
+    assert ask(zctx, settings, "ping", timeout=5) == {"from": "active"}
+    for t in threads:
+        t.join(10)
+    # The active one is gone (nothing listens): the standby's answer, at the deadline.
+    alone = dataclasses.replace(settings, control_endpoint=f"{dead},{a}")
+    thread = serve_once(zctx, alone, a, "standby")
+    assert ask(zctx, alone, "ping", timeout=1) == {"from": "standby"}
+    thread.join(10)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +110,40 @@ def test_a_forked_child_gets_its_own_connections(store: Store) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert store.job_state(job) == "running"  # the child's write, on the parent's connection
     assert store.totals().jobs == 1
+
+
+def test_a_postgres_store_holds_at_most_its_pool_size_of_connections(
+        tmp_path: Path, pg_server: Any) -> None:
+    """Eight threads reading at once through a store whose pool has 2 connections: the
+    server sees at most 2 sessions of that database, and every read succeeds."""
+    import psycopg
+
+    url = pg_server.new_database()
+    store = Store(tmp_path, url, pool_size=2)
+    job = new_job_id()
+    store.create_job(job, [Original("jpeg", 1, 1, 1)], [("invert", "light")])
+    name = url.split("/")[3].split("?")[0]
+    start = threading.Barrier(8)
+    seen: list[int] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        start.wait(10)
+        try:
+            for _ in range(20):
+                store.job(job)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+        while any(t.is_alive() for t in threads):
+            seen.append(admin.execute("SELECT COUNT(*) FROM pg_stat_activity"
+                                      " WHERE datname = %s", (name,)).fetchone()[0])
+            threads[0].join(0.01)
+    for t in threads:
+        t.join(30)
+    store.close()
+    assert not errors and seen and max(seen) <= 2, (errors, seen)
