@@ -17,15 +17,18 @@ COMPOSE_CLI = $(eval COMPOSE_CLI := $(shell \
   if docker compose version >/dev/null 2>&1; then echo docker compose; \
   elif command -v docker-compose >/dev/null 2>&1; then echo docker-compose; \
   else echo docker compose; fi))$(COMPOSE_CLI)
-# EXTRA_COMPOSE_FILES: more files on top, e.g. compose/multihost.yml (every target takes them).
+# STACK_FILE: the stack's own compose file (the ha-* targets set compose/ha.yml);
+# EXTRA_COMPOSE_FILES: more files on top, e.g. compose/multihost.yml (every target takes
+# them); PROFILES: compose profiles to enable (ha-* enable `dashboard` unless given).
+STACK_FILE ?= compose/docker-compose.yml
 EXTRA_COMPOSE_FILES ?=
 # The CURVE keys every service mounts (see `keys`); every compose call is told where.
 CURVE_KEYS_DIR ?= compose/keys
-COMPOSE = CURVE_KEYS_DIR="$(abspath $(CURVE_KEYS_DIR))" $(COMPOSE_CLI) -f compose/docker-compose.yml $(foreach f,$(EXTRA_COMPOSE_FILES),-f $(f)) \
-	-p $(PROJECT)
+COMPOSE = CURVE_KEYS_DIR="$(abspath $(CURVE_KEYS_DIR))" $(COMPOSE_CLI) -f $(STACK_FILE) $(foreach f,$(EXTRA_COMPOSE_FILES),-f $(f)) \
+	$(foreach p,$(PROFILES),--profile $(p)) -p $(PROJECT)
 
 .PHONY: install system-deps test test-fast run bench lint scale compose-up compose-down \
-	wheelhouse image keys clean
+	wheelhouse image keys infra-image ha-up ha-down clean
 
 install: $(STAMP)
 
@@ -107,6 +110,24 @@ compose-up: keys
 	$(COMPOSE) up -d --scale worker=$(N)
 
 compose-down:
+	$(COMPOSE) down --remove-orphans
+
+# PostgreSQL and HAProxy for compose/ha.yml, from Debian packages (compose/infra-image.sh:
+# debootstrap once, then a cached `docker build` of the entry scripts).
+infra-image:
+	bash compose/infra-image.sh >/dev/null
+
+# compose/ha.yml: PostgreSQL, a load balancer, two gateways, ventilators and sinks, N
+# workers; its own project (imgpipe-ha) beside the plain stack. `make ha-up N=5` again
+# rescales; `make scale N=5 STACK_FILE=compose/ha.yml PROJECT=imgpipe-ha` does too.
+ha-up ha-down: STACK_FILE = compose/ha.yml
+ha-up ha-down: PROJECT = imgpipe-ha
+ha-up ha-down: PROFILES ?= dashboard
+
+ha-up: keys infra-image
+	$(COMPOSE) up -d --scale worker=$(N)
+
+ha-down:
 	$(COMPOSE) down --remove-orphans
 
 clean:

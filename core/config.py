@@ -8,7 +8,10 @@ Nothing builds settings at import time: ``main()`` builds them and passes them d
 
 Endpoints are full ZeroMQ URLs that a *connecting* peer uses. Stable nodes (ventilator,
 sink, dashboard) bind the same port on ``bind_host`` (loopback by default, ``0.0.0.0``
-in containers): see :meth:`Settings.bind_url`.
+in containers): see :meth:`Settings.bind_url`. Where several peers of a kind run (two
+ventilators, several sinks) an endpoint setting is a comma-separated list: connecting
+peers connect to every entry (:func:`endpoints`), and each stable node binds the first
+entry nobody else holds (``core.sockets``).
 """
 
 from __future__ import annotations
@@ -113,6 +116,9 @@ class Settings:
     heartbeat_liveness: int = _doc("missed heartbeats before a worker is declared lost", 5)
     lost_visible_s: float = _doc("how long a lost worker stays listed, seconds", 60.0)
     rescan_interval_s: float = _doc("ventilator re-reads the job store this often, seconds", 1.0)
+    ventilator_lease_s: float = _doc(
+        "the active ventilator's lease in the job store, seconds: renewed every third of it; "
+        "a standby takes over within about this long of the active one's death", 5.0)
     metrics_interval_s: float = _doc("metrics publish period, seconds", 1.0)
 
     # --- worker -------------------------------------------------------------------
@@ -192,10 +198,14 @@ class Settings:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name.endswith("_endpoint") and value:
-                need(urlsplit(value).scheme in ("tcp", "ipc", "inproc"), f.name,
-                     "use a ZeroMQ URL such as tcp://127.0.0.1:5551 or ipc:///tmp/x")
-                if value.startswith("tcp://"):
-                    need(_port(value) is not None, f.name, "give a port, as in tcp://host:5551")
+                for one in value.split(","):
+                    one = one.strip()
+                    need(urlsplit(one).scheme in ("tcp", "ipc", "inproc"), f.name,
+                         "use a ZeroMQ URL such as tcp://127.0.0.1:5551 or ipc:///tmp/x, or "
+                         "several joined by commas (one per ventilator or sink)")
+                    if one.startswith("tcp://"):
+                        need(_port(one) is not None, f.name,
+                             "give a port, as in tcp://host:5551")
         for name in ("gateway_port", "dashboard_port"):
             need(0 <= getattr(self, name) < 65536, name, "use a port from 1 to 65535 (0: any)")
         for name in ("max_upload_bytes", "max_pixels", "max_images", "max_chains",
@@ -218,7 +228,7 @@ class Settings:
         for name in ("task_timeout_s", "heartbeat_interval_s", "rescan_interval_s",
                      "metrics_interval_s", "gateway_timeout_s", "max_wait_s",
                      "sweep_interval_s", "header_timeout_s", "max_job_cost",
-                     "client_rate_per_min"):
+                     "client_rate_per_min", "ventilator_lease_s"):
             need(getattr(self, name) > 0, name, "use a positive number of seconds")
         need(not self.store_url or urlsplit(self.store_url).scheme in ("postgresql", "postgres"),
              "store_url", "use postgresql://user:password@host:5432/dbname, or nothing for "
@@ -248,8 +258,9 @@ class Settings:
 
     @property
     def bus_endpoints(self) -> tuple[str, ...]:
-        """Every SUB endpoint a publisher connects its PUB socket to."""
-        return tuple(e for e in (self.bus_endpoint, self.dashboard_bus_endpoint) if e)
+        """Every SUB endpoint a publisher connects its PUB socket to: each ventilator's
+        bus, and the dashboard's."""
+        return (*endpoints(self.bus_endpoint), *endpoints(self.dashboard_bus_endpoint))
 
     @property
     def curve_enabled(self) -> bool:
@@ -290,6 +301,13 @@ class Settings:
 _NOT_SETTINGS = {"url", "api_key"}
 SECRETS = ("api_keys", "admin_key")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def endpoints(value: str) -> tuple[str, ...]:
+    """The entries of an endpoint setting: ``"tcp://a:5553,tcp://b:5553"`` -> both; ``""``
+    -> none. A connecting peer connects to each (PUSH round-robins over the live ones,
+    SUB hears every publisher)."""
+    return tuple(e.strip() for e in value.split(",") if e.strip())
 
 
 def redact(url: str) -> str:

@@ -5,7 +5,7 @@ metric on the bus. Anyone else (gateway, dashboard, health probes, the superviso
 asks it with :func:`ask`, which sends one :class:`Request` and waits for the
 :class:`Reply` with a deadline. Ops the ventilator answers:
 
-``ping``     ``{"role": "ventilator", "pid", "uptime_s"}``
+``ping``     ``{"role": "ventilator", "pid", "state" (active|standby), "uptime_s"}``
 ``workers``  list of ``{"id", "host", "pid", "state" (idle|busy|lost), "serves", "slots",
              "free", "inflight", "done", "failed", "cpu", "rss", "shm_bytes", "note",
              "last_beat_age_s", "started"}``
@@ -14,7 +14,8 @@ asks it with :func:`ask`, which sends one :class:`Request` and waits for the
              "workers_lost",
              "workers": {"alive", "busy",
              "idle", "lost"}, "components": {role: seconds since last seen},
-             "uptime_s"}``
+             "uptime_s", "lease": {"role", "lease_token", "active_since", "last_dispatch_at",
+             "takeover", "tenures", "takeovers", "leases_lost", "fenced"}}``
 ``events``   the ventilator's last events (oldest first), each ``{"ts", "source", "what",
              "detail", "worker", "task_id"}``: workers joined and lost, retries, failures
 """
@@ -22,12 +23,13 @@ asks it with :func:`ask`, which sends one :class:`Request` and waits for the
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from imgpipe.core.config import Settings
+from imgpipe.core.config import Settings, endpoints
 from imgpipe.core.errors import ImgpipeError
 from imgpipe.core.protocol import Reply, Request, decode, encode
 from imgpipe.core.sockets import REPLY_MESSAGE_BYTES, make_socket
@@ -44,21 +46,43 @@ def ask(ctx: zmq.Context[Any], settings: Settings, op: str, args: dict[str, Any]
         *, timeout: float = 2.0, endpoint: str | None = None) -> Any:
     """The answer to ``op`` from the ventilator (or the ROUTER at ``endpoint``).
 
-    Raises Unavailable after ``timeout`` seconds without an answer.
+    With several ventilators (``control_endpoint`` a list), every one is asked at once
+    and the active one's answer wins; a standby's is used when no active one answers
+    within ``timeout`` (its registry hears the same fleet). Raises Unavailable after
+    ``timeout`` seconds without any answer.
     """
-    sock = make_socket(ctx, zmq.REQ, settings, connect=endpoint or settings.control_endpoint,
-                       max_bytes=REPLY_MESSAGE_BYTES)
+    targets = endpoints(endpoint or settings.control_endpoint)
+    socks = [make_socket(ctx, zmq.REQ, settings, connect=t, max_bytes=REPLY_MESSAGE_BYTES)
+             for t in targets]
     try:
-        sock.send_multipart(encode(Request(op=op, args=args or {})))
-        if not sock.poll(int(timeout * 1000), zmq.POLLIN):
-            raise Unavailable(f"{endpoint or 'the ventilator'} did not answer {op!r}"
-                              f" within {timeout} s")
-        reply = decode(sock.recv_multipart(), expect=Reply)
-        if not reply.ok:
-            raise ImgpipeError(f"ventilator refused {op!r}: {reply.error}")
-        return reply.data
+        poller = zmq.Poller()
+        for sock in socks:
+            sock.send_multipart(encode(Request(op=op, args=args or {})))
+            poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        fallback: Reply | None = None
+        pending = len(socks)
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for sock, _ in poller.poll(int(left * 1000) + 1):
+                poller.unregister(sock)
+                pending -= 1
+                reply = decode(sock.recv_multipart(), expect=Reply)
+                if reply.role != "standby":
+                    return _data(op, reply)
+                fallback = fallback or reply
+        if fallback is not None:
+            return _data(op, fallback)
+        raise Unavailable(f"{endpoint or 'the ventilator'} did not answer {op!r}"
+                          f" within {timeout} s")
     finally:
-        sock.close(linger=0)
+        for sock in socks:
+            sock.close(linger=0)
+
+
+def _data(op: str, reply: Reply) -> Any:
+    if not reply.ok:
+        raise ImgpipeError(f"ventilator refused {op!r}: {reply.error}")
+    return reply.data
 
 
 SUPERVISOR_FILE = "supervisor.json"

@@ -227,6 +227,7 @@ class Reply(Message):
     ok: bool
     data: Any = None
     error: str = ""
+    role: str = ""  # a ventilator's: "active" or "standby" (see core.control.ask)
 
 
 M = typing.TypeVar("M", bound=Message)

@@ -37,6 +37,14 @@ class Gone(ImgpipeError):
     error = "expired"
 
 
+class Fenced(ImgpipeError):
+    """A write guarded by a named lease, refused: the writer's fencing token is no
+    longer the lease's current one (another holder took it), or the lease expired."""
+
+    status = 409
+    error = "fenced"
+
+
 class StorageFull(ImgpipeError):
     """The data dir cannot take more: its disk is full, or its byte budget is spent on
     jobs that are not finished yet (nothing left to evict)."""
@@ -157,6 +165,18 @@ class Finished:
     queued_at: float
     finished_at: float
     timings_ms: dict[str, float | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A named lease as the store holds it: who, its fencing token, and when it expires
+    (epoch seconds, on the clock of the holder that last took or renewed it; 0 once
+    released)."""
+
+    name: str
+    holder: str
+    token: int
+    expires: float
 
 
 @dataclass(frozen=True, slots=True)

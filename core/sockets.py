@@ -12,12 +12,17 @@ Every component opens its sockets here, so the hygiene rules hold everywhere:
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
+import socket
+import weakref
 from typing import Any
 
 import zmq
 
-from imgpipe.core.config import Settings
+from imgpipe.core.config import Settings, endpoints
 from imgpipe.core.errors import ConfigError
 from imgpipe.core.keys import check_bind, resolve
 
@@ -51,6 +56,10 @@ def make_socket(ctx: zmq.Context[Any], kind: int, settings: Settings, *,
 
     ``options`` are extra integer socket options set before binding or connecting
     (``{zmq.IMMEDIATE: 1}``: some only act on connections made after they are set).
+
+    ``bind`` may list several endpoints (one per peer of a kind: two ventilators, several
+    sinks): the socket binds the first one no other process holds (:func:`bind_free`).
+    ``connect`` may be a list setting or a tuple: the socket connects to every entry.
     """
     sock = ctx.socket(kind)
     try:
@@ -70,17 +79,101 @@ def make_socket(ctx: zmq.Context[Any], kind: int, settings: Settings, *,
         for topic in subscribe:
             sock.setsockopt(zmq.SUBSCRIBE, topic)
         if bind is not None:
-            url = settings.bind_url(bind)
-            _curve_server(sock, settings, url)
-            sock.bind(url)
+            bind_free(sock, settings, bind)
         if connect is not None:
             _curve_client(sock, settings)
-            for endpoint in (connect,) if isinstance(connect, str) else connect:
+            for endpoint in endpoints(connect) if isinstance(connect, str) else connect:
                 sock.connect(endpoint)
     except BaseException:
         sock.close(0)
         raise
     return sock
+
+
+# ipc:// entries a process holds, with the open lock file that says so; closed (and so
+# released) with the socket, or by the kernel when the process dies.
+_HELD: weakref.WeakKeyDictionary[zmq.Socket[Any], weakref.finalize[Any, Any]] = \
+    weakref.WeakKeyDictionary()
+
+
+def bind_free(sock: zmq.Socket[Any], settings: Settings, setting: str) -> str:
+    """Bind ``sock`` on the first entry of the endpoint setting no other process holds;
+    the URL bound.
+
+    One entry binds as it always did, except that an ipc:// path another process listens
+    on is refused with EADDRINUSE, as a tcp:// port in use is. Of several (two ventilators or sinks run from one
+    configuration on one host), a tcp:// entry is taken when its port binds (the kernel
+    refuses a port in use); an ipc:// entry when an exclusive ``flock`` on ``PATH.lock``
+    succeeds (libzmq would silently take over a socket file in use), held as long as the
+    socket. A ConfigError names the setting when every entry is taken.
+    """
+    entries = endpoints(setting)
+    if len(entries) == 1:
+        url = settings.bind_url(entries[0])
+        _curve_server(sock, settings, url)
+        if url.startswith("ipc://") and _ipc_listening(url[len("ipc://"):]):
+            # As the kernel refuses a tcp:// port in use (libzmq would take the file over).
+            raise zmq.ZMQError(errno.EADDRINUSE, _in_use(url))
+        sock.bind(url)
+        return url
+    for entry in entries:
+        url = settings.bind_url(entry)
+        lock = _lock_ipc(url) if url.startswith("ipc://") else None
+        if lock == -1:
+            continue
+        try:
+            _curve_server(sock, settings, url)
+            sock.bind(url)
+        except zmq.ZMQError as exc:
+            if lock is not None:
+                os.close(lock)
+            if exc.errno == errno.EADDRINUSE:
+                continue
+            raise
+        if lock is not None:
+            _HELD[sock] = weakref.finalize(sock, os.close, lock)
+        return url
+    raise ConfigError(f"every endpoint of {setting!r} is bound by another process: add one "
+                      f"for this one", field="endpoint")
+
+
+def _in_use(url: str) -> str:
+    return (f"{url} is bound by another process (another ventilator or sink?): to run "
+            f"several, list one endpoint for each, comma-separated (docs/deploy.md)")
+
+
+def _ipc_listening(path: str) -> bool:
+    """Whether a process accepts connections on the unix socket ``path`` (binding it
+    again would silently take it over)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _lock_ipc(url: str) -> int:
+    """An fd holding ``PATH.lock`` exclusively for the ipc:// ``url``, or -1 when another
+    process holds it."""
+    fd = os.open(url[len("ipc://"):] + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def release(sock: zmq.Socket[Any]) -> None:
+    """Close ``sock`` and give up the ipc:// entry it holds (if any) at once."""
+    sock.close(linger=0)
+    unlock = _HELD.pop(sock, None)
+    if unlock is not None:
+        unlock()
 
 
 def bound_endpoint(sock: zmq.Socket[Any]) -> str:

@@ -40,9 +40,11 @@ from imgpipe.core.records import (
     FINAL,
     FINAL_JOB,
     Counts,
+    Fenced,
     Finished,
     Gone,
     Job,
+    Lease,
     NotFound,
     OpenTask,
     Original,
@@ -58,7 +60,7 @@ from imgpipe.core.sql import Db, open_backend
 
 Row = Mapping[str, Any]
 
-__all__ = ["Store", "NotFound"]
+__all__ = ["Store", "NotFound", "Fenced"]
 
 TOMBSTONE_S = 86400.0  # how long an expired job answers 410 before it is unknown (a row each)
 
@@ -282,14 +284,35 @@ class Store:
                 f" ORDER BY queued_at, job_id, n LIMIT ?", (*states, limit)).fetchall()
         return [OpenTask(**r) for r in rows]  # the columns are the fields
 
-    def mark_dispatched(self, tid: str, attempt: int, *, now: float | None = None) -> bool:
-        """Record dispatch number ``attempt``; False if the output is already final."""
+    def mark_dispatched(self, tid: str, attempt: int, *, now: float | None = None,
+                        fence: tuple[str, int] | None = None) -> bool:
+        """Record dispatch number ``attempt``; False if the output is already final.
+
+        With ``fence`` (a lease name and the caller's fencing token) the write happens
+        only while that token is the lease's current one and the lease has not expired
+        (at ``now``): a dispatcher that lost its lease — paused past its expiry, cut off
+        — is refused with :class:`Fenced`, in the same statement, whatever its timers
+        believe.
+        """
         now = time.time() if now is None else now
         job_id, _ = split_task_id(tid)
+        guard = ""
+        args: tuple[Any, ...] = ()
+        if fence is not None:
+            guard = (" AND EXISTS (SELECT 1 FROM leases WHERE name = ? AND token = ?"
+                     " AND expires > ?)")
+            args = (fence[0], fence[1], now)
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE outputs SET state='running', attempts=?, dispatched_at=?"
-                " WHERE task_id=? AND state NOT IN ('done', 'failed')", (attempt, now, tid))
+                " WHERE task_id=? AND state NOT IN ('done', 'failed')" + guard,
+                (attempt, now, tid, *args))
+            if not cur.rowcount and fence is not None:
+                held = db.execute("SELECT token, expires FROM leases WHERE name = ?",
+                                  (fence[0],)).fetchone()
+                if held is None or held["token"] != fence[1] or held["expires"] <= now:
+                    raise Fenced(f"lease {fence[0]!r}: token {fence[1]} is no longer current"
+                                 f" (now {None if held is None else held['token']})")
             if cur.rowcount:
                 db.execute("UPDATE jobs SET state='running' WHERE id=? AND state='queued'",
                            (job_id,))
@@ -434,6 +457,14 @@ class Store:
             cur = db.execute("UPDATE leases SET expires = 0 WHERE name = ? AND holder = ?"
                              " AND expires > 0", (name, holder))
             return bool(cur.rowcount)
+
+    def lease(self, name: str) -> Lease | None:
+        """The lease ``name`` as stored (live, expired or released), or None if never taken."""
+        with self._db() as db:
+            row = db.execute("SELECT holder, token, expires FROM leases WHERE name = ?",
+                             (name,)).fetchone()
+        return None if row is None else Lease(name, str(row["holder"]), int(row["token"]),
+                                              float(row["expires"]))
 
     def lease_holder(self, name: str, *, now: float | None = None) -> str | None:
         """Who holds the lease ``name`` now, or None when nobody does."""

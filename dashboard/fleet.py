@@ -241,7 +241,9 @@ class FleetState:
                     point[key] = _number(lat.get(key))
                 point["queue_depth"] = _number(gw.get("queue_depth"))
             for src in self._fresh(now):
-                if src["role"] == "ventilator":
+                # A standby ventilator (active=0) dispatches nothing: its zeros are not
+                # the queue. (An older ventilator sends no "active": it is the one.)
+                if src["role"] == "ventilator" and src["values"].get("active", 1):
                     for key in ("queue_depth", "inflight"):
                         if _number(src["values"].get(key)) is not None:
                             point[key] = src["values"][key]

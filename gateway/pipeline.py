@@ -3,11 +3,14 @@
 One :class:`Pipeline` per gunicorn worker process. Its ``zmq.Context`` is made lazily
 in the process that uses it (after gunicorn forks), and every socket has one owner:
 
-* the PUSH to ``intake_endpoint`` is shared by request threads behind a lock and only
-  ever sent with ``NOBLOCK``: a full or absent ventilator never blocks a request (the
-  ventilator rescans the job store anyway, so a dropped notice only delays dispatch);
-* one background thread owns a SUB on ``event_endpoint`` (topic ``done``) and wakes
-  the request threads waiting on a job (``?wait=S``);
+* a PUSH to each ``intake_endpoint`` (one per ventilator: only the active one acts on
+  a notice) is shared by request threads behind a lock and only ever sent with
+  ``NOBLOCK``: a full or absent ventilator never blocks a request (the ventilator
+  rescans the job store anyway, so a dropped notice only delays dispatch);
+* one background thread owns a SUB on every ``event_endpoint`` (one per sink, topic
+  ``done``) and wakes the request threads waiting on a job (``?wait=S``). Gateways keep
+  no state of their own: any number of them serve the same jobs from the store, and a
+  ``?wait`` on one is woken by whichever sink finished the job;
 * one background thread owns a PUB to the bus and publishes a numbered ``Metric``
   (role ``gateway``) every ``metrics_interval_s``: requests by status, upload bytes,
   request latency percentiles.
@@ -27,7 +30,7 @@ from typing import Any
 
 import zmq
 
-from imgpipe.core.config import Settings
+from imgpipe.core.config import Settings, endpoints
 from imgpipe.core.errors import ProtocolError
 from imgpipe.core.protocol import (
     TOPIC_DONE,
@@ -98,7 +101,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._ctx: zmq.Context[Any] | None = None
-        self._push: zmq.Socket[Any] | None = None
+        self._push: list[zmq.Socket[Any]] = []
         self._push_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -140,9 +143,9 @@ class Pipeline:
         for t in self._threads:
             t.join(timeout=5)
         with self._push_lock:
-            if self._push is not None:
-                self._push.close(linger=0)
-                self._push = None
+            for push in self._push:
+                push.close(linger=0)
+            self._push = []
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -150,20 +153,24 @@ class Pipeline:
 
     # --- notices ------------------------------------------------------------------------
     def notify(self, job_id: str, outputs: int) -> bool:
-        """Tell the ventilator about a recorded job; never blocks. False if not sent."""
+        """Tell the ventilators about a recorded job (each of them: only the active one
+        acts); never blocks. False if no notice was sent."""
         ctx = self.ctx
+        sent = False
         with self._push_lock:
-            if self._push is None:
-                self._push = make_socket(ctx, zmq.PUSH, self.settings,
-                                         connect=self.settings.intake_endpoint, sndhwm=1000)
-            try:
-                self._push.send_multipart(encode(Notice(job_id=job_id, outputs=outputs)),
-                                          flags=zmq.NOBLOCK)
-                return True
-            except zmq.Again:
-                self.notices_dropped += 1
-                log.debug("intake full: notice for %s left to the ventilator's rescan", job_id)
-                return False
+            if not self._push:
+                self._push = [make_socket(ctx, zmq.PUSH, self.settings, connect=ep, sndhwm=1000)
+                              for ep in endpoints(self.settings.intake_endpoint)]
+            for push in self._push:
+                try:
+                    push.send_multipart(encode(Notice(job_id=job_id, outputs=outputs)),
+                                        flags=zmq.NOBLOCK)
+                    sent = True
+                except zmq.Again:
+                    self.notices_dropped += 1
+                    log.debug("intake full: notice for %s left to the ventilator's rescan",
+                              job_id)
+        return sent
 
     # --- waiting for completion ------------------------------------------------------------
     def wait_final(self, job_id: str, timeout_s: float, is_final: Callable[[], bool]) -> bool:

@@ -35,7 +35,13 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from imgpipe.core.config import Settings, add_settings_args, reachable_host, settings_from_args
+from imgpipe.core.config import (
+    Settings,
+    add_settings_args,
+    endpoints,
+    reachable_host,
+    settings_from_args,
+)
 from imgpipe.core.control import Unavailable, ask
 from imgpipe.core.errors import ImgpipeError
 
@@ -139,9 +145,23 @@ def probe_gateway(settings: Settings, deadline: Deadline, *, url: str | None = N
     return Verdict(False, f"gateway answered {status} at {target}: {_brief(body)}")
 
 
+def listening_here(settings: Settings | None, setting: str,
+                   deadline: Deadline) -> tuple[str, str | None]:
+    """The first entry of an endpoint list that something listens on, or the last entry
+    and why nothing does. With ``settings``, each entry as this host binds it (same
+    port, bind_host): with two ventilators or sinks on one host, the probe of either
+    finds one of them."""
+    endpoint, why = "", None
+    for entry in endpoints(setting):
+        endpoint = local_endpoint(settings, entry) if settings is not None else entry
+        why = listening(endpoint, deadline.left())
+        if not why:
+            break
+    return endpoint, why
+
+
 def probe_ventilator(ctx: zmq.Context[Any], settings: Settings, deadline: Deadline) -> Verdict:
-    endpoint = local_endpoint(settings, settings.control_endpoint)
-    why = listening(endpoint, deadline.left())
+    endpoint, why = listening_here(settings, settings.control_endpoint, deadline)
     if why:
         return Verdict(False, f"ventilator: {why}")
     try:
@@ -150,13 +170,14 @@ def probe_ventilator(ctx: zmq.Context[Any], settings: Settings, deadline: Deadli
         return Verdict(False, f"ventilator: {exc}")
     if not isinstance(info, dict) or info.get("role") != "ventilator":
         return Verdict(False, f"ventilator: {endpoint} answered ping with {info!r}")
-    return Verdict(True, f"ventilator answers at {endpoint} (pid {info.get('pid')}, "
+    state = f"{info['state']}, " if "state" in info else ""
+    return Verdict(True, f"ventilator answers at {endpoint} (pid {info.get('pid')}, {state}"
                          f"up {float(info.get('uptime_s') or 0):.0f} s)")
 
 
 def _ask_ventilator(ctx: zmq.Context[Any], settings: Settings, op: str,
                     deadline: Deadline) -> tuple[Any, str | None]:
-    why = listening(settings.control_endpoint, deadline.left())
+    _, why = listening_here(None, settings.control_endpoint, deadline)
     if why:
         return None, f"cannot ask the ventilator: {why}"
     try:
@@ -168,8 +189,7 @@ def _ask_ventilator(ctx: zmq.Context[Any], settings: Settings, op: str,
 
 
 def probe_sink(ctx: zmq.Context[Any], settings: Settings, deadline: Deadline) -> Verdict:
-    endpoint = local_endpoint(settings, settings.result_endpoint)
-    why = listening(endpoint, deadline.left())
+    endpoint, why = listening_here(settings, settings.result_endpoint, deadline)
     if why:
         return Verdict(False, f"sink: result socket: {why}")
     stats, err = _ask_ventilator(ctx, settings, "stats", deadline)

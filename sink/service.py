@@ -11,11 +11,19 @@ bounds what a crash of this process can drop: results still queued in a worker's
 PUSH socket survive a sink restart (ZeroMQ reconnects and delivers them); the few
 read but not committed are re-dispatched by the ventilator once it sees they never
 arrived. See sink/results.py for the exactly-once rule.
+
+Several sinks may run against one job store (``result_endpoint`` and ``event_endpoint``
+lists; each sink binds the first free entry, workers push to all of them, gateways and
+ventilators hear all of them): the store's first completion wins, so a result is
+finished once whichever sink takes it. The retention pass (expiry, eviction, the
+leftover walk) runs only in the sink holding the store's ``sink-retention`` lease, so
+two sinks never drop the same jobs or count them twice.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -27,11 +35,11 @@ from typing import Any
 import zmq
 
 from imgpipe.core import lease, retention
-from imgpipe.core.config import Settings, add_settings_args, settings_from_args
+from imgpipe.core.config import Settings, add_settings_args, endpoints, settings_from_args
 from imgpipe.core.errors import ProtocolError
 from imgpipe.core.protocol import Metric, Result, decode, encode_topic
 from imgpipe.core.runtime import serve
-from imgpipe.core.sockets import make_socket, start_authenticator
+from imgpipe.core.sockets import bound_endpoint, make_socket, release, start_authenticator
 from imgpipe.core.store import Store
 from imgpipe.sink.results import ResultHandler
 
@@ -39,15 +47,37 @@ log = logging.getLogger(__name__)
 
 RESULT_HWM = 8      # results queued in this process before workers' sockets hold them
 POLL_MS = 100
+RETENTION_LEASE = "sink-retention"
+
+
+def retention_turn(store: Store, holder: str, settings: Settings, now: float) -> bool:
+    """Whether this sink runs the retention pass now: it holds (takes or renews) the
+    store's ``sink-retention`` lease, for three sweep intervals."""
+    try:
+        token = store.acquire_lease(RETENTION_LEASE, holder, 3 * settings.sweep_interval_s,
+                                    now=now)
+    except Exception:
+        log.exception("could not reach the job store for the retention lease")
+        return False
+    return token is not None
 
 
 def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
     auth = start_authenticator(ctx, settings)
-    store = Store.from_settings(settings)
-    removed = store.remove_partial_outputs()
-    if removed:
-        log.info("removed %d half-written output file(s) of a previous run", removed)
+    try:
+        store = Store.from_settings(settings)
+    except BaseException:
+        # Else the authenticator's sockets keep ctx.term() waiting: a hang, not an exit.
+        if auth is not None:
+            auth.stop()
+        raise
+    if len(endpoints(settings.result_endpoint)) == 1:
+        # The only writer of outputs: what is half-written is a crash's. With several
+        # sinks another may be writing now; the leader's leftover walk removes old ones.
+        removed = store.remove_partial_outputs()
+        if removed:
+            log.info("removed %d half-written output file(s) of a previous run", removed)
     handler = ResultHandler(store, lease.load_key(settings.data_dir))
     source = f"sink@{socket.gethostname()}:{os.getpid()}"
     socks: list[zmq.Socket[Any]] = []
@@ -59,23 +89,26 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
         socks.append(events)
         bus = make_socket(ctx, zmq.PUB, settings, connect=settings.bus_endpoints)
         socks.append(bus)
-        log.info("sink up: results on %s, events on %s", settings.result_endpoint,
-                 settings.event_endpoint)
+        log.info("sink up: results on %s, events on %s", bound_endpoint(results),
+                 bound_endpoint(events))
         seq = 0
         next_metric = next_sweep = next_walk = 0.0
         while not stop.is_set():
             now = time.time()
             if now >= next_sweep:
                 next_sweep = now + settings.sweep_interval_s
-                walk = now >= next_walk
-                if walk:
-                    next_walk = now + retention.LEFTOVER_EVERY_S
-                try:
-                    swept = retention.sweep(store, settings, now, leftovers=walk)
-                    handler.counters.expired += swept.expired + swept.evicted
-                except Exception:
-                    log.exception("retention pass failed; next in %s s",
-                                  settings.sweep_interval_s)
+                if retention_turn(store, source, settings, now):
+                    walk = now >= next_walk
+                    if walk:
+                        next_walk = now + retention.LEFTOVER_EVERY_S
+                    try:
+                        swept = retention.sweep(store, settings, now, leftovers=walk)
+                        handler.counters.expired += swept.expired + swept.evicted
+                    except Exception:
+                        log.exception("retention pass failed; next in %s s",
+                                      settings.sweep_interval_s)
+                else:
+                    next_walk = 0.0  # another sink leads; should this one take over, it walks
             if now >= next_metric:
                 seq += 1
                 metric = Metric(source=source, role="sink", seq=seq, ts=now,
@@ -102,7 +135,9 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
                 events.send_multipart(encode_topic(done), zmq.NOBLOCK)
     finally:
         for s in socks:
-            s.close(linger=0)
+            release(s)
+        with contextlib.suppress(Exception):
+            store.release_lease(RETENTION_LEASE, source)
         store.close()
         if auth is not None:
             auth.stop()

@@ -108,10 +108,12 @@ def test_workers_killed_every_second_and_a_half_lose_nothing(stack_factory: Any,
     stack.wait_workers(3)  # the supervisor replaced every killed worker
 
 
-def test_a_paused_worker_is_replaced_and_its_late_results_dropped(stack_factory: Any) -> None:
+def test_a_paused_worker_is_replaced_and_its_late_results_dropped(stack_factory: Any,
+                                                                 store_url: str) -> None:
+    """On each job store backend."""
     # A second per task: the worker seen holding a task still holds it when it is paused.
     stack = stack_factory(3, env={"IMGPIPE_WORKER_DELAY_MS": "1000"}, heartbeat_liveness=3,
-                          **HOOKS)
+                          store_url=store_url, **HOOKS)
     ids = [submit(stack.url, [jpeg(640, 360)] * 6, ["resize:w=320"]) for _ in range(3)]
     holder = wait_for(lambda: next((w for w in stack.workers() if w["inflight"]), None),
                       30, what="a worker holding tasks")
@@ -133,8 +135,9 @@ def test_a_paused_worker_is_replaced_and_its_late_results_dropped(stack_factory:
 
 
 def test_a_poison_task_fails_after_three_attempts_and_the_rest_complete(
-        stack_factory: Any) -> None:
-    stack = stack_factory(3, **HOOKS)
+        stack_factory: Any, store_url: str) -> None:
+    """On each job store backend."""
+    stack = stack_factory(3, store_url=store_url, **HOOKS)
     img = jpeg(320, 240)
     good = submit(stack.url, [img] * 7, ["resize:w=160", "invert", "flip:dir=h",
                                         "blur:radius=1", "grayscale", "sepia", "resize:w=100"])

@@ -481,3 +481,18 @@ def test_probe_answers_for_the_real_dashboard(spawn: Callable[[str], subprocess.
              what="dashboard healthy")
     dash.terminate()
     assert dash.wait(30) == 0
+
+
+def test_with_two_ventilators_listed_the_one_bound_here_is_probed(
+        zctx: zmq.Context[Any], settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """compose/ha.yml lists both ventilators; this host's binds one entry's port (here
+    the second): the probe finds it."""
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    listed = settings.with_overrides(control_endpoint=f"{nobody},{settings.control_endpoint}")
+    env_for(monkeypatch, listed)
+    ping = {"role": "ventilator", "pid": 77, "uptime_s": 12.0}
+    with FakeVentilator(zctx, settings, {"ping": ping}):
+        code, line = run_main(capsys, "ventilator")
+    assert code == 0, line
+    assert line == f"healthy: ventilator answers at {settings.control_endpoint} (pid 77, up 12 s)"

@@ -165,6 +165,14 @@ class Dispatcher:
     def drop(self, tid: str) -> None:
         self.entries.pop(tid, None)
 
+    def forget(self) -> None:
+        """Drop every open output and lease (the ventilator lost its own lease: the next
+        holder recovers them from the store). The registry and counters stay."""
+        self.entries.clear()
+        for q in self.queues.values():
+            q.clear()
+        self.next_rescan = 0.0
+
     # --- the bus --------------------------------------------------------------------------
     def on_heartbeat(self, hb: Heartbeat, now: float, peer: str = "") -> list[Action]:
         """Registry update plus lease reconciliation with the worker's in-flight list
@@ -348,6 +356,10 @@ class Dispatcher:
         if e.note == SUSPECT:
             return "not claimed after a worker that could hold it was lost"
         return f"deadline passed on {e.worker or 'an unknown worker'}"
+
+    def event(self, what: str, now: float, **kw: str) -> Event:
+        """An event of this ventilator's own (its lease), kept with the others."""
+        return self._event(what, now, **kw)
 
     def _event(self, what: str, now: float, **kw: str) -> Event:
         event = Event(source=self.source, what=what, ts=now, **kw)

@@ -35,7 +35,7 @@ from typing import Any
 
 import zmq
 
-from imgpipe.core.config import Settings, add_settings_args, settings_from_args
+from imgpipe.core.config import Settings, add_settings_args, endpoints, settings_from_args
 from imgpipe.core.errors import ConfigError, ProtocolError
 from imgpipe.core.protocol import TOPIC_CLAIM, Claim, Result, Task, decode, encode, encode_topic
 from imgpipe.core.runtime import serve
@@ -178,8 +178,13 @@ class TaskLoop:
                                       options=TASK_OPTIONS, max_bytes=s.max_message_bytes)
                           for ep in task_endpoints(s)]
             socks += self.tasks
+            # Several sinks: round-robin over the connected ones only (IMMEDIATE), so a
+            # dead sink's pipe does not hold every other result; one sink: results wait
+            # in its pipe while it restarts.
+            several = len(endpoints(s.result_endpoint)) > 1
             self.results = make_socket(self.ctx, zmq.PUSH, s, connect=s.result_endpoint,
-                                       sndhwm=max(4, 2 * s.worker_slots))
+                                       sndhwm=max(4, 2 * s.worker_slots),
+                                       options={zmq.IMMEDIATE: 1} if several else None)
             socks.append(self.results)
             # XPUB, so the worker sees subscriptions arrive (see SUBSCRIBER_WAIT_S).
             self.claims = make_socket(self.ctx, zmq.XPUB, s, connect=s.bus_endpoints)

@@ -75,13 +75,17 @@ def require_engine() -> None:
 
 
 class ComposeStack:
-    """One compose project: compose/docker-compose.yml plus ``extra_files``."""
+    """One compose project: ``stack_file`` (compose/docker-compose.yml) plus
+    ``extra_files``; ``data_service`` is a service that mounts the data volume."""
 
     def __init__(self, name: str, extra_files: list[Path],
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, *, stack_file: Path = COMPOSE_FILE,
+                 data_service: str = "gateway") -> None:
         self.project = f"imgpipe-{name}{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.cli = compose_cli()
-        self.files = ["-f", str(COMPOSE_FILE)]
+        self.stack_file = stack_file
+        self.data_service = data_service
+        self.files = ["-f", str(stack_file)]
         for f in extra_files:
             self.files += ["-f", str(f)]
         self.port = free_port()
@@ -100,7 +104,8 @@ class ComposeStack:
         extra = " ".join(self.files[3::2])
         # -o: the venv these tests run in is installed; make must not reinstall it.
         return run(["make", "--no-print-directory", "-o", ".venv/.installed", *args,
-                    f"PROJECT={self.project}", f"EXTRA_COMPOSE_FILES={extra}"],
+                    f"PROJECT={self.project}", f"STACK_FILE={self.stack_file}",
+                    f"EXTRA_COMPOSE_FILES={extra}"],
                    env=self.env, timeout=timeout)
 
     def containers(self, service: str | None = None, *, all_states: bool = False) -> list[str]:
@@ -177,7 +182,7 @@ class ComposeStack:
              "--timeout", "10"], env=self.env, timeout=180, check=False)
 
     def output_files(self, job_id: str) -> int:
-        (gateway,) = self.containers("gateway")
+        gateway = self.containers(self.data_service)[0]
         out = run(["docker", "exec", gateway, "sh", "-c",
                    f"ls /data/outputs/{job_id} | wc -l"]).stdout
         return int(out.strip())

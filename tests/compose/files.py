@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 MULTIHOST_FILE = COMPOSE_DIR / "multihost.yml"
+HA_FILE = COMPOSE_DIR / "ha.yml"
 DOCKERFILE = COMPOSE_DIR / "Dockerfile"
 SCHEMA = ROOT.parent / "shared/data/compose-spec.schema.json"
 

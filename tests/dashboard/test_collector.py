@@ -74,7 +74,11 @@ def test_sample_takes_throughput_queue_latency_and_stages(settings: Settings) ->
         # A restarted worker (new pid, done back to 0) adds nothing negative.
         c.handle(heartbeat("w1", 1, done=0, pid=999), now=3.0)
         assert c.sample(3.0)["throughput"] >= 0
-        c.handle(metric("vent", "ventilator", 1, queue_depth=40, inflight=6), now=3.5)
+        c.handle(metric("vent", "ventilator", 1, queue_depth=40, inflight=6, active=1),
+                 now=3.5)
+        # A standby ventilator's metric (nothing queued there) does not hide the queue.
+        c.handle(metric("vent2", "ventilator", 1, queue_depth=0, inflight=0, active=0),
+                 now=3.55)
         c.handle(metric("w1", "worker", 1, throughput=1.5, decode_ms_mean=18.0,
                         filters_ms_mean=40.0, total_ms_mean=70.0), now=3.6)
         c.handle(metric("w2", "worker", 1, throughput=1.0), now=3.6)

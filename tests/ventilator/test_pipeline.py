@@ -148,7 +148,8 @@ def test_routing_by_cost_class_and_the_control_ops(pipe: Pipeline) -> None:
     assert by_class == {(LIGHT, light), (HEAVY, heavy)}, by_class
 
     ping = ask_ok(pipe.ctx, pipe.settings, "ping")
-    assert set(ping) == {"role", "pid", "uptime_s"} and ping["uptime_s"] > 0
+    assert set(ping) == {"role", "pid", "state", "uptime_s"} and ping["uptime_s"] > 0
+    assert ping["state"] == "active"  # the only ventilator holds the lease
     rows = ask_ok(pipe.ctx, pipe.settings, "workers")
     assert {r["id"]: r["serves"] for r in rows} == {light: "light", heavy: "heavy"}
     assert set(rows[0]) == {"id", "host", "pid", "state", "serves", "slots", "free",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import threading
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 import zmq
+import zmq.auth
 
 from imgpipe.core.protocol import Heartbeat, Metric, encode_topic
 from imgpipe.core.sockets import make_socket
@@ -87,3 +89,34 @@ def test_a_stall_of_the_ventilator_does_not_lose_a_beating_worker(
         loop.join(10)
         pub.close(linger=0)
         vent.close()
+
+
+def test_a_ventilator_that_cannot_start_exits_instead_of_hanging(tmp_path: Path) -> None:
+    """With CURVE on, the authenticator starts before the sockets; when a bind then fails
+    (here the intake port is taken) run() raises, so the process exits and its restart
+    policy applies, instead of waiting for ever in ctx.term() on the authenticator."""
+    from imgpipe.ventilator.service import run
+
+    public, secret = zmq.auth.create_certificates(str(tmp_path), "server")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = make_settings(
+            tmp_path, intake_endpoint=f"tcp://127.0.0.1:{taken.getsockname()[1]}",
+            curve_server_public_file=public, curve_server_secret_file=secret)
+        ctx: zmq.Context[Any] = zmq.Context()
+        raised: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                run(settings, ctx, stop=threading.Event())
+            except BaseException as exc:  # noqa: BLE001 - what run() raised is the point
+                raised.append(exc)
+            finally:
+                ctx.term()
+
+        thread = threading.Thread(target=start, daemon=True)
+        thread.start()
+        thread.join(timeout=30)
+    assert not thread.is_alive(), "run() and ctx.term() still waiting after 30 s"
+    assert raised and isinstance(raised[0], zmq.ZMQError), raised
