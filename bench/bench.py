@@ -66,7 +66,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--upload", choices=("raw", "multipart"), default="raw",
                    help="how the pipeline mode uploads: the image as the body with ?ops= "
                    "(raw, the default) or a multipart form")
-    p.add_argument("--url", help="use this running gateway for the pipeline mode")
+    p.add_argument("--url", help="use this running gateway for the pipeline mode; with "
+                   "several, comma-separated (gateways of one stack), the pipeline runs on "
+                   "the first alone and then round-robin over all of them, in one run")
     p.add_argument("--scale-with", default="", metavar="CMD",
                    help="with --url: a shell command that sets the stack to {n} workers, run "
                    "before the pipeline mode for each --workers count, e.g. "
@@ -93,8 +95,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
            if m not in (*LOCAL_MODES, "pipeline") and not _pipeline_n(m)]
     if bad:
         p.error(f"--modes: unknown {', '.join(bad)}; use {DEFAULT_MODES} or pipeline-wN")
-    if ns.url and (err := check_target(ns.url.rstrip("/"), ns.allow_remote)):
-        p.error(f"--url: {err}")
+    ns.urls = [u.strip().rstrip("/") for u in (ns.url or "").split(",") if u.strip()]
+    ns.url = ns.urls[0] if ns.urls else None
+    for url in ns.urls:
+        if err := check_target(url, ns.allow_remote):
+            p.error(f"--url: {err}")
     if ns.scale_with and (not ns.url or "{n}" not in ns.scale_with):
         p.error("--scale-with needs --url and a command with {n} in it")
     return ns
@@ -124,7 +129,10 @@ def build_modes(ns: argparse.Namespace, images: list[bytes], spec: str) -> list[
                                scale_with=ns.scale_with, upload=ns.upload)
                       for n in ns.worker_counts]
         elif name == "pipeline" and ns.url:
-            modes.append(Pipeline(images, spec, url=ns.url.rstrip("/"), upload=ns.upload))
+            modes.append(Pipeline(images, spec, url=ns.url, upload=ns.upload))
+            if len(ns.urls) > 1:  # the same stack through all its gateways
+                modes.append(Pipeline(images, spec, url=ns.url, upload=ns.upload,
+                                      also=tuple(ns.urls[1:])))
         elif name == "pipeline":
             modes += [Pipeline(images, spec, workers=n, upload=ns.upload)
                       for n in ns.worker_counts]
@@ -294,7 +302,8 @@ def run(ns: argparse.Namespace) -> int:
         "config": {"images": len(images), "size": f"{first.width}x{first.height}",
                    "input": str(ns.input) if ns.input else None, "seed": ns.seed,
                    "workload": ns.workload, "upload": ns.upload, "ops": ns.ops, "ops_canonical": canonical, "repeat": ns.repeat,
-                   "workers": ns.worker_counts, "modes": ns.mode_names, "url": ns.url},
+                   "workers": ns.worker_counts, "modes": ns.mode_names, "url": ns.url,
+                   "urls": ns.urls},
         "images": {"count": len(images), "bytes_total": sum(map(len, images)),
                    "bytes_mean": round(sum(map(len, images)) / len(images))},
         "modes": results, "latency_probe": probe or None, "stages_ms": stages,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -175,8 +176,11 @@ class Pipeline(Mode):
 
     def __init__(self, images: list[bytes], spec: str, *, workers: int | None = None,
                  url: str | None = None, wait_s: float = 120.0, concurrency: int = 16,
-                 scale_with: str = "", upload: str = "raw") -> None:
+                 scale_with: str = "", upload: str = "raw", also: tuple[str, ...] = ()
+                 ) -> None:
         super().__init__(images, spec)
+        # More gateways of the same stack: requests go round-robin over url and these.
+        self.also = also
         # "raw": the image as the body, the chain in ?ops= (one image, one chain: what
         # a client of an image service sends); "multipart": a form with both.
         self.upload = upload
@@ -189,10 +193,13 @@ class Pipeline(Mode):
         self.scale_with = scale_with
         self.name = (f"pipeline-w{workers}" if not url else
                      f"pipeline-url-w{workers}" if scale_with else "pipeline-url")
+        if also:
+            self.name += f"-g{1 + len(also)}"
         self.http = httpx.Client(timeout=wait_s + 30.0, headers=client_headers(),
                                  limits=httpx.Limits(max_connections=concurrency + 4))
         self.pool = ThreadPoolExecutor(concurrency)
-        self.poster: api.LeanPoster | None = None
+        self.posters: list[api.LeanPoster] = []
+        self.turn = itertools.count()
         self.bodies: dict[int, tuple[bytes, str]] = {}
 
     def setup(self) -> None:
@@ -208,7 +215,7 @@ class Pipeline(Mode):
             self._await_workers(self.workers, self.url)
         else:
             self.workers = len(api.alive_workers(self.http, self.url))
-        self.poster = api.LeanPoster(self.url, self.wait_s + 30.0)
+        self.posters = [api.LeanPoster(u, self.wait_s + 30.0) for u in (self.url, *self.also)]
         # Warm every worker's process pool: one image per worker, at once.
         warm = [self.pool.submit(self._one, self.images[0]) for _ in range(self.workers or 1)]
         for f in warm:
@@ -226,12 +233,12 @@ class Pipeline(Mode):
         """The private stack's supervisor, or the local stack found behind ``--url``."""
         if self.stack is not None and self.stack.proc is not None:
             return [self.stack.proc.pid]
-        root = procs.stack_root(self.url) if self.url else None
-        return [root.pid] if root is not None else []
+        roots = [procs.stack_root(u) for u in (self.url, *self.also) if u]
+        return sorted({r.pid for r in roots if r is not None})
 
     def _one(self, data: bytes) -> tuple[bytes | None, float, str | None]:
         assert self.url is not None
-        assert self.poster is not None
+        assert self.posters
         key = id(data)
         if key not in self.bodies:  # built once per image, outside the timed request
             self.bodies[key] = (api.multipart_body([data], [self.spec])
@@ -242,7 +249,8 @@ class Pipeline(Mode):
             query += "&" + urlencode({"ops": self.spec})
         t = time.perf_counter()
         try:
-            status, headers, content = self.poster.post(
+            poster = self.posters[next(self.turn) % len(self.posters)]
+            status, headers, content = poster.post(
                 f"/api/process/?{query}", body, ctype, {"Accept": "image/jpeg"})
         except (OSError, http.client.HTTPException) as exc:
             return None, (time.perf_counter() - t) * 1000, f"{type(exc).__name__}: {exc}"
@@ -276,7 +284,7 @@ class Pipeline(Mode):
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.http.close()
-        if self.poster is not None:
-            self.poster.close()
+        for poster in self.posters:
+            poster.close()
         if self.stack is not None:
             self.stack.stop()
