@@ -35,7 +35,7 @@ from typing import Any
 import zmq
 
 from imgpipe.core import lease, retention
-from imgpipe.core.config import Settings, add_settings_args, endpoints, settings_from_args
+from imgpipe.core.config import Settings, add_settings_args, settings_from_args
 from imgpipe.core.errors import ProtocolError
 from imgpipe.core.protocol import Metric, Result, decode, encode_topic
 from imgpipe.core.runtime import serve
@@ -72,12 +72,11 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
         if auth is not None:
             auth.stop()
         raise
-    if len(endpoints(settings.result_endpoint)) == 1:
-        # The only writer of outputs: what is half-written is a crash's. With several
-        # sinks another may be writing now; the leader's leftover walk removes old ones.
-        removed = store.remove_partial_outputs()
-        if removed:
-            log.info("removed %d half-written output file(s) of a previous run", removed)
+    # Half-written outputs name their writer: a dead process's of this host go at once,
+    # another host's (a sink that may be writing now) only once old.
+    removed = store.remove_partial_outputs()
+    if removed:
+        log.info("removed %d half-written output file(s) of a previous run", removed)
     handler = ResultHandler(store, lease.load_key(settings.data_dir))
     source = f"sink@{socket.gethostname()}:{os.getpid()}"
     socks: list[zmq.Socket[Any]] = []
