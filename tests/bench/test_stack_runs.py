@@ -66,6 +66,45 @@ def test_bench_pipeline_against_a_running_stack(stack: LocalStack, tmp_path: Pat
 
 
 @pytest.mark.timeout(300)
+def test_bench_one_gateway_against_two_of_the_same_stack(stack: LocalStack,
+                                                          tmp_path: Path) -> None:
+    """--url A,B: the pipeline on A alone, then round-robin over A and B, in one run."""
+    import subprocess
+    import sys
+
+    from imgpipe.bench.stack import free_port
+    from imgpipe.core.runtime import die_with_parent
+    from tests.support import answers, wait_for
+
+    port = free_port()
+    second = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "gateway2.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-P", "-m", "imgpipe", "gateway", "--data-dir",
+             str(stack.data_dir), "--gateway-port", str(port)], env=stack.env(),
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    try:
+        wait_for(answers(proc, f"{second}/healthz", lambda: "the second gateway exited:\n"
+                         + (tmp_path / "gateway2.log").read_text(errors="replace")[-2000:]),
+                 60, interval=0.2, what="the second gateway")
+        out = tmp_path / "r.json"
+        code = bench_main(["--images", "4", "--repeat", "1", "--probe", "0", "--modes",
+                           "pipeline", "--url", f"{stack.url},{second}", "--json", str(out),
+                           *SMALL])
+        doc = json.loads(out.read_text())
+        assert code == 0, doc["modes"]
+        assert [m["mode"] for m in doc["modes"]] == ["pipeline-url", "pipeline-url-g2"]
+        assert doc["config"]["urls"] == [stack.url, second]
+        for m in doc["modes"]:
+            assert m["errors"] == 0 and m["output_sizes"] == [[160, 120]], m
+        # The second gateway's process is counted too: both served requests.
+        assert doc["modes"][1]["cpu_ms_per_image_by_component"]["gateway"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.timeout(300)
 def test_stress_burst(stack: LocalStack, tmp_path: Path) -> None:
     out = tmp_path / "burst.json"
     code = stress.main(["burst", "5", "--url", stack.url, "--timeout", "120",
