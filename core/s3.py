@@ -43,6 +43,7 @@ from imgpipe.core.blobs import (
     UUID_NAME,
     BlobFile,
     Blobs,
+    ObjectStoreError,
     original_key,
     output_key,
 )
@@ -53,10 +54,6 @@ from imgpipe.core.records import check_id
 MISSING = ("NoSuchKey", "404", "NotFound")
 DELETE_BATCH = 1000   # keys per DeleteObjects request (the API's maximum)
 LIST_THREADS = 8      # job prefixes listed at once when jobs are dropped
-
-
-class ObjectStoreError(OSError):
-    """The object store refused or could not be reached (after botocore's retries)."""
 
 
 def parse_url(url: str) -> tuple[str, str]:

@@ -80,6 +80,17 @@ class OutputFailed(ImgpipeError):
     error = "output_failed"
 
 
+class BlobStoreDown(ImgpipeError):
+    """The blob store (S3) did not take or give a blob: an outage; retry later (HTTP 503)."""
+
+    status = 503
+    error = "storage_unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int = 5) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
 class QueueFull(ImgpipeError):
     """Backpressure: too many outputs open; try again after ``retry_after`` s (HTTP 503)."""
 

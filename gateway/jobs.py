@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import falcon
 
+from imgpipe.core.blobs import ObjectStoreError
 from imgpipe.core.config import Settings
 from imgpipe.core.records import (
     FINAL,
@@ -34,7 +35,7 @@ from imgpipe.core.retention import make_room, over_budget
 from imgpipe.core.store import Store
 from imgpipe.gateway.access import owner_of
 from imgpipe.gateway.documents import job_doc
-from imgpipe.gateway.errors import BadParam, OutputFailed, QueueFull
+from imgpipe.gateway.errors import BadParam, BlobStoreDown, OutputFailed, QueueFull
 from imgpipe.gateway.limits import ClientLimits, check_cost
 from imgpipe.gateway.pipeline import Pipeline
 from imgpipe.gateway.upload import Upload, check_length, parse_upload
@@ -224,7 +225,8 @@ def serve_output(req: falcon.Request, resp: falcon.Response, store: Store, job_i
     if _matches(req.get_header("If-None-Match"), etag):
         resp.status = falcon.HTTP_304
         return
-    fh = store.open_output(out)
+    with storage_errors():
+        fh = store.open_output(out)
     resp.content_type = out.content_type or "application/octet-stream"
     resp.set_stream(fh, fh.size)
 
@@ -248,9 +250,13 @@ def parse_cache(req: falcon.Request) -> bool:
 
 @contextlib.contextmanager
 def storage_errors() -> Iterator[None]:
-    """A full disk while staging an upload or writing the job's rows is a 507."""
+    """A full disk while staging an upload or writing the job's rows is a 507; the blob
+    store (S3) unreachable is a 503 with Retry-After."""
     try:
         yield
+    except ObjectStoreError as exc:
+        log.warning("blob store unavailable: %s", exc)
+        raise BlobStoreDown("the blob store is unavailable; retry later") from None
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -146,6 +146,27 @@ def test_with_the_s3_blob_store_uploads_are_put_and_outputs_streamed_from_the_bu
     assert res.status_code == 200 and res.content == output
 
 
+def test_an_unreachable_blob_store_is_503_with_retry_after_and_nothing_recorded(
+        settings: Settings, make_gateway: Any, s3_env: Any) -> None:
+    import dataclasses
+
+    from tests.support import free_port
+
+    # An S3 endpoint nobody listens on: the outage a client should wait out. The job
+    # store exists already (its first start counted the blobs' bytes).
+    Store(settings.data_dir).close()
+    down = f"http://127.0.0.1:{free_port()}"
+    gateway = make_gateway(dataclasses.replace(settings, blob_url="s3://photos/gw",
+                                               s3_endpoint_url=down))
+    body, ctype = im.multipart([im.jpeg(seed=5)], ["invert"])
+    res = gateway.post(body, ctype)
+    assert res.status_code == 503, res.text
+    assert res.json["error"] == "storage_unavailable" and int(res.headers["retry-after"]) >= 1
+    assert gateway.store.totals().jobs == 0
+    assert list((settings.data_dir / "tmp").iterdir()) == []
+    assert gateway.client.simulate_get("/healthz").status_code in (200, 503)  # still serving
+
+
 def test_a_failed_output_is_422_with_the_reason(gateway: Any) -> None:
     body, ctype = im.multipart([im.jpeg()], ["invert"])
     job = gateway.post(body, ctype).json["id"]
