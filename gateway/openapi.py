@@ -192,7 +192,8 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                         "(`rate_limited`)", retry=True),
             "415": _err("a part is not a decodable image of an allowed format"),
             "422": _err("with `wait` and `Accept: image/*`: the one output failed"),
-            "503": _err("the queue is full; retry after `Retry-After` seconds", retry=True),
+            "503": _err("the queue is full, or the blob store cannot be reached; retry after "
+                        "`Retry-After` seconds", retry=True),
             "507": _err("the data dir's disk is full, or its byte cap is spent on open jobs")}}
     spec: dict[str, Any] = {
         "openapi": "3.0.3",
