@@ -185,8 +185,10 @@ def test_a_slow_worker_gets_fewer_tasks_even_when_it_connected_first(pipe: Pipel
 
 def test_a_killed_worker_loses_nothing(pipe: Pipeline) -> None:
     start_core(pipe)
+    # 2 s a task: still holding the one the registry saw when the kill comes (the
+    # registry is a heartbeat old; at 0.4 s a task the victim could finish it first).
     victim = pipe.workers(1, name="victim", IMGPIPE_TEST_HOOKS="1",
-                          IMGPIPE_WORKER_DELAY_MS="400")[0]
+                          IMGPIPE_WORKER_DELAY_MS="2000")[0]
     jobs = [make_job(pipe.store, 15, [LIGHT, HEAVY], seed=i) for i in range(2)]
     wait_for(lambda: pipe.done_count() >= 4, 60, what="a few outputs done")
     pipe.workers(1)
