@@ -111,11 +111,8 @@ class FleetCollector:
                      m["throughput_per_s"])
         yield _gauge("imgpipe_queue_trend_per_second", "queue growth, outputs per second",
                      m.get("queue_trend_per_s", 0.0))
-        outputs = CounterMetricFamily("imgpipe_outputs", "outputs finished, by final state",
-                                      labels=["state"])
-        outputs.add_metric(["done"], m["totals"]["done"])
-        outputs.add_metric(["failed"], m["totals"]["failed"])
-        yield outputs
+        yield _counters("imgpipe_outputs", "outputs finished, by final state", "state",
+                        {"done": m["totals"]["done"], "failed": m["totals"]["failed"]})
         yield CounterMetricFamily("imgpipe_jobs", "jobs accepted", value=m["totals"]["jobs"])
         yield CounterMetricFamily("imgpipe_retries", "re-dispatches of outputs",
                                   value=m["retries"])
@@ -142,24 +139,27 @@ class FleetCollector:
         yield _gauge("imgpipe_ventilator_up", "1 when the ventilator answers",
                      1 if m["ventilator"] == "up" else 0)
         t = m["totals"]
-        cache = CounterMetricFamily("imgpipe_cache_lookups", "result cache lookups, by outcome",
-                                    labels=["outcome"])
-        cache.add_metric(["hit"], t["cache_hits"])
-        cache.add_metric(["miss"], t["cache_misses"])
-        yield cache
+        yield _counters("imgpipe_cache_lookups", "result cache lookups, by outcome", "outcome",
+                        {"hit": t["cache_hits"], "miss": t["cache_misses"]})
         yield _gauge("imgpipe_cache_hit_ratio", "result cache hits per lookup, since start",
                      m["cache_hit_ratio"])
-        dropped = CounterMetricFamily("imgpipe_jobs_dropped", "finished jobs removed, by why",
-                                      labels=["why"])
-        dropped.add_metric(["expired"], t["jobs_expired"])
-        dropped.add_metric(["evicted"], t["jobs_evicted"])
-        yield dropped
+        yield _counters("imgpipe_jobs_dropped", "finished jobs removed, by why", "why",
+                        {"expired": t["jobs_expired"], "evicted": t["jobs_evicted"]})
         yield _gauge("imgpipe_data_bytes", "bytes of originals and outputs in the data dir",
                      t["bytes"])
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counters(name: str, doc: str, label: str, values: dict[str, float]
+              ) -> CounterMetricFamily:
+    """One counter family with a sample per value of ``label``."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
 
 
 class RequestMetrics:

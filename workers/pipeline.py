@@ -98,7 +98,7 @@ def _run(task: Task, chain: Any, pool: FilterPool, buffers: BufferSet, opts: Opt
     timings = result.timings
     with opts.gate:
         t = time.perf_counter()
-        img, fmt_in = decode_checked(task.payload, chain, opts.max_pixels)
+        img, fmt_in, out_size = decode_checked(task.payload, chain, opts.max_pixels)
         timings["decode"] = (time.perf_counter() - t) * 1000
         inline = runs_inline(chain, img, opts.inline_ms)
         if inline:  # cheaper than the hop: on this thread, the GIL released in OpenCV
@@ -113,7 +113,7 @@ def _run(task: Task, chain: Any, pool: FilterPool, buffers: BufferSet, opts: Opt
     buf = buffers.acquire()
     try:
         with opts.gate:
-            shape, dtype = copy_into(img, chain, buf, opts.max_pixels)
+            shape, dtype = copy_into(img, out_size, buf)
             del img
         t = time.perf_counter()
         done = pool.run(buf.name, shape, dtype, chain.canonical(), deadline=task.deadline,
@@ -154,23 +154,24 @@ def _encode(img: np.ndarray, chain: Any, fmt_in: str, result: Result) -> None:
     result.content_type = content_type(fmt)
 
 
-def decode_checked(data: Any, chain: Any, max_pixels: int) -> tuple[np.ndarray, str]:
-    """Decode ``data`` (reduced when the chain allows it); the frame and its format.
+def decode_checked(data: Any, chain: Any, max_pixels: int
+                   ) -> tuple[np.ndarray, str, tuple[int, int]]:
+    """Decode ``data`` (reduced when the chain allows it); the frame, its format and the
+    size the chain makes of it.
 
     The pixel limit is checked from the header before anything is decoded, for the
     input and for every step's output size."""
     img, info = decode_reduced(data, chain.reduce_factor, max_pixels=max_pixels)
     height, width = img.shape[:2]
-    chain.output_size(width, height, max_pixels=max_pixels)
-    return img, info.format
+    return img, info.format, chain.output_size(width, height, max_pixels=max_pixels)
 
 
-def copy_into(img: np.ndarray, chain: Any, buf: Buffer, max_pixels: int
+def copy_into(img: np.ndarray, out_size: tuple[int, int], buf: Buffer
               ) -> tuple[tuple[int, ...], str]:
     """Copy the frame into ``buf``, sized for the larger of the frame and the chain's
-    output so the filter process rarely has to ask for more; its shape and dtype."""
-    height, width = img.shape[:2]
-    out_w, out_h = chain.output_size(width, height, max_pixels=max_pixels)
+    output (``out_size``, width × height) so the filter process rarely has to ask for
+    more; its shape and dtype."""
+    out_w, out_h = out_size
     channels = img.shape[2] if img.ndim == 3 else 1
     need = max(img.nbytes, out_w * out_h * channels * img.itemsize)
     view = np.ndarray(img.shape, dtype=img.dtype, buffer=buf.ensure(need))
