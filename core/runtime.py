@@ -8,6 +8,7 @@ both end in a clean close (``linger=0`` everywhere).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -31,6 +32,7 @@ def configure_logging(settings: Settings, name: str) -> None:
 def serve(run: RunFn, settings: Settings, name: str) -> int:
     """Run ``run(settings, ctx, stop=event)`` until it returns or a signal arrives."""
     configure_logging(settings, name)
+    tune_malloc()
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -47,13 +49,35 @@ def serve(run: RunFn, settings: Settings, name: str) -> int:
     return 0
 
 
+def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 31) -> None:
+    """Keep large buffers in the heap and freed memory in the process (glibc only).
+
+    By default glibc serves a large block (a 25 MB frame, a 1 MB upload chunk) with a
+    fresh mmap and gives it back on free, so the next one pays a page fault per 4 KiB
+    and the kernel clears every page again: measured on a 4K JPEG decode here, 6 500
+    faults and ~100 ms per call by default, ~450 faults and ~65-80 ms with these
+    thresholds; in the gateway, page faults and ``madvise`` were 12 % of its CPU on 4K
+    uploads. Blocks under ``mmap_threshold`` come from the heap, and up to
+    ``trim_threshold`` bytes of freed heap stay in the process for the next one.
+    Memory stays bounded by what a process holds at once, so keeping it is the trade.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    with contextlib.suppress(AttributeError):
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
+
+
 def die_with_parent() -> None:  # pragma: no cover - runs in a child before exec
     """``preexec_fn`` for children that must not outlive their parent (Linux only).
 
     ``PR_SET_PDEATHSIG`` sends the child SIGTERM when the parent dies, even by SIGKILL,
     so a killed supervisor or bench leaves no orphan stack behind.
     """
-    import contextlib
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):

@@ -41,6 +41,7 @@ TASK_BUFFER_BYTES = 64 * 1024
 # limit (``settings.max_message_bytes``); a control client's replies may list a fleet.
 SMALL_MESSAGE_BYTES = 64 * 1024
 REPLY_MESSAGE_BYTES = 1024 * 1024
+PUB_RECONNECT_MAX_MS = 1000
 
 
 def make_socket(ctx: zmq.Context[Any], kind: int, settings: Settings, *,
@@ -80,6 +81,10 @@ def make_socket(ctx: zmq.Context[Any], kind: int, settings: Settings, *,
             sock.setsockopt(zmq.SUBSCRIBE, topic)
         if bind is not None:
             bind_free(sock, settings, bind)
+        if connect is not None and kind == zmq.PUB:
+            # A publisher to a peer that is not there (no dashboard, a standby down)
+            # retries every 100 ms by default, for ever; back off to once a second.
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, PUB_RECONNECT_MAX_MS)
         if connect is not None:
             _curve_client(sock, settings)
             for endpoint in endpoints(connect) if isinstance(connect, str) else connect:

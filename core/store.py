@@ -149,6 +149,7 @@ class Store:
         ``chains`` is ``(canonical ops, cost class)`` per chain. Outputs are image-major.
         With ``cache``, an output whose image bytes and chain match a done output still
         on disk is done at once: its file is linked from that output's, no worker runs.
+        Without it the job neither reads nor fills the cache: its outputs get no key.
         ``owner`` is an opaque hash the gateway checks reads against (never a key); the
         cache is per owner.
         """
@@ -161,8 +162,8 @@ class Store:
                 for c, (ops, cost) in enumerate(chains):
                     n = i * len(chains) + c
                     # Per owner: one key's uploads never learn what another key asked for.
-                    key = f"{owner or ''}:{im.sha256}:{ops}" if im.sha256 else None
-                    src = self._cached(db, key, job_id, n) if cache and key else None
+                    key = f"{owner or ''}:{im.sha256}:{ops}" if cache and im.sha256 else None
+                    src = self._cached(db, key, job_id, n) if key else None
                     if src is not None:
                         hits.append((src, n, i, ops, cost))
                     else:

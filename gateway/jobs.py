@@ -69,7 +69,7 @@ class ProcessResource:
         self.limits.admit(owner)
         self.check_storage()
         with storage_errors():
-            upload = parse_upload(req, self.settings, self.store)
+            upload = parse_upload(req, self.settings, self.store, digest=use_cache)
             req.context.upload_bytes = upload.body_bytes
             try:
                 check_cost([(i.width, i.height) for i in upload.images],

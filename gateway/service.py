@@ -53,7 +53,7 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from imgpipe.core.config import Settings, add_settings_args, settings_from_args
 from imgpipe.core.errors import ConfigError
-from imgpipe.core.runtime import configure_logging
+from imgpipe.core.runtime import configure_logging, tune_malloc
 from imgpipe.gateway.access import check_exposure
 from imgpipe.gateway.errors import ClientTimeout
 
@@ -253,6 +253,7 @@ class GatewayWorker(ThreadWorker):
         # gunicorn answers what it refuses itself (a request line over the limit, a bad
         # method or header) with an HTML page; this service answers JSON everywhere.
         util.write_error = write_json_error
+        tune_malloc()  # 1 MB body chunks from the heap, not a fresh mmap each
         super().init_process()
 
 

@@ -15,7 +15,6 @@ copied there (the worker owns every segment's life; this process only maps them)
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import mmap
@@ -29,28 +28,13 @@ from typing import Any
 import numpy as np
 
 from imgpipe.core.protocol import GravityNote
+from imgpipe.core.runtime import tune_malloc
 from imgpipe.filters import apply_chain, parse_chain
 from imgpipe.workers.shm import SHM_DIR, attach
 
 log = logging.getLogger(__name__)
 
 MAX_MAPPED = 6
-
-
-def tune_malloc() -> None:
-    """Keep large buffers in the heap and freed memory in the process (glibc only).
-
-    By default glibc serves a 25 MB frame with a fresh mmap and gives it back on free,
-    so every decode or filter pass pays ~6.5 k page faults; measured on a 4K JPEG decode
-    here: 6 500 faults and ~100 ms per call by default, ~450 faults and ~65-80 ms with
-    these thresholds. Memory stays bounded by the slots, so keeping it is the trade.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: no mmap for blocks under 1 GB
-    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GB of freed heap
 
 
 class Mappings:

@@ -38,9 +38,8 @@ import zmq
 from imgpipe.core.config import Settings, add_settings_args, endpoints, settings_from_args
 from imgpipe.core.errors import ConfigError, ProtocolError
 from imgpipe.core.protocol import TOPIC_CLAIM, Claim, Result, Task, decode, encode, encode_topic
-from imgpipe.core.runtime import serve
+from imgpipe.core.runtime import serve, tune_malloc
 from imgpipe.core.sockets import TASK_BUFFER_BYTES, make_socket
-from imgpipe.workers.child import tune_malloc
 from imgpipe.workers.monitor import Monitor, Stats, worker_id
 from imgpipe.workers.pipeline import Options, process_task
 from imgpipe.workers.pool import FilterPool

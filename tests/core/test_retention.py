@@ -114,10 +114,14 @@ def test_a_repeat_is_served_from_the_cache_and_cache_0_bypasses_it(store: Store)
         assert (out.width, out.height, out.nbytes, out.content_type) == (2, 3, 3, "image/png")
     bypass = store.job(job(store, sha="abc", cache=False))
     assert [o.state for o in bypass.outputs] == ["queued", "queued"]
+    finish(store, bypass.id, now=1002.0, data=b"two")  # a bypass fills no entry either
+    third = store.job(job(store, sha="abc", now=1003.0)).outputs[0]
+    with store.open_output(third) as fh:
+        assert third.cached and fh.read() == b"one"
     other = store.job(job(store, sha="def"))
     assert [o.cached for o in other.outputs] == [False, False]
     t = store.totals()
-    assert (t.cache_hits, t.cache_misses) == (2, 2 + 2)  # the bypass is no lookup
+    assert (t.cache_hits, t.cache_misses) == (4, 2 + 2)  # the bypass is no lookup
     # The first job expires: the repeat keeps its file, and now holds the cache entry.
     store.drop_jobs([first], now=1100.0)
     with store.open_output(again.outputs[0]) as a:

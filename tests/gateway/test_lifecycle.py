@@ -59,6 +59,24 @@ def test_a_repeat_upload_is_done_at_once_from_the_cache(settings: Settings,
     assert "imgpipe_data_bytes" in prom
 
 
+def test_a_job_with_cache_0_neither_reads_nor_fills_the_cache(settings: Settings,
+                                                              make_gateway: Any) -> None:
+    gw = make_gateway(settings)
+    image = im.jpeg(seed=8)
+    raw = gw.client.simulate_post("/api/process/", body=image,
+                                  params={"ops": "resize:w=16", "cache": "0"},
+                                  headers={"Content-Type": "image/jpeg"})
+    for doc in (submit(gw, image, cache="0").json, raw.json):
+        finish(gw.store, doc["id"], 0)
+    with gw.store._db() as db:  # type: ignore[attr-defined]
+        shas = [r["sha256"] for r in db.execute("SELECT sha256 FROM images")]
+    assert shas == ["", ""]  # never hashed
+    later = submit(gw, image).json  # the same bytes and chain, cache on: a miss
+    assert (later["state"], later["outputs"][0]["cached"]) == ("queued", False)
+    finish(gw.store, later["id"], 0)
+    assert submit(gw, image).json["outputs"][0]["cached"] is True  # this one filled it
+
+
 def test_a_full_disk_answers_507_and_recovers(tmp_path: Path, make_gateway: Any,
                                               tmpfs: Callable[[str], Path]) -> None:
     disk = tmpfs("6m")
