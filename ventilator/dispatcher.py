@@ -35,6 +35,7 @@ HANDOFF = "handoff"       # its worker no longer lists it: the result is on its 
 SUSPECT = "suspect"       # unclaimed when a worker that could have taken it was lost
 
 RECENT_EVENTS = 200       # events kept for the control op "events"
+NOTICED_MAX = 256         # noticed jobs read by id; past that, one full rescan instead
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Dispatcher:
         self.queues: dict[str, deque[tuple[str, int]]] = {c: deque() for c in CLASSES}
         self._tokens = itertools.count(1)
         self.next_rescan = start
+        self.noticed: set[str] = set()
         self.counters = {"dispatched": 0, "retries": 0, "lost_tasks": 0, "failed_tasks": 0,
                          "duplicates": 0, "recovered": 0, "adopted": 0, "stolen": 0,
                          "bad_messages": 0, "workers_lost": 0}
@@ -96,15 +98,28 @@ class Dispatcher:
         self.recent_events: deque[Event] = deque(maxlen=RECENT_EVENTS)
 
     # --- the job store ------------------------------------------------------------------
-    def on_notice(self, now: float) -> None:
-        """A job was recorded: rescan at once instead of at the next interval."""
-        self.next_rescan = now
+    def on_notice(self, job_id: str, now: float) -> None:
+        """A job was recorded: read its outputs at once instead of at the next rescan.
+        Past :data:`NOTICED_MAX` jobs waiting, one full rescan reads them all."""
+        if len(self.noticed) < NOTICED_MAX:
+            self.noticed.add(job_id)
+        else:
+            self.next_rescan = now
+
+    def take_noticed(self) -> list[str]:
+        """The jobs noticed since the last call (none when a full rescan is due)."""
+        jobs, self.noticed = sorted(self.noticed), set()
+        return jobs
 
     def wants_rescan(self, now: float) -> bool:
         return now >= self.next_rescan
 
-    def load(self, tasks: Iterable[OpenTask], now: float, *, complete: bool) -> None:
+    def load(self, tasks: Iterable[OpenTask], now: float, *, complete: bool,
+             scan: bool = True) -> None:
         """Merge a store scan: new outputs are queued, ``running`` ones leased for recovery.
+
+        ``scan`` False: the outputs of noticed jobs only, which leaves the next full
+        rescan where it was.
 
         An output found ``running`` that this process never sent was sent by a
         previous incarnation: it gets a short lease instead of a new dispatch, so
@@ -112,7 +127,9 @@ class Dispatcher:
         ``complete`` (the scan was not cut by its limit) anything known but no longer
         listed became final, which covers ``Done`` events this process missed.
         """
-        self.next_rescan = now + self.rescan_s
+        if scan:
+            self.next_rescan = now + self.rescan_s
+            self.noticed = set()  # a full scan read them too
         listed = set()
         for t in tasks:
             listed.add(t.task_id)
@@ -171,6 +188,7 @@ class Dispatcher:
         self.entries.clear()
         for q in self.queues.values():
             q.clear()
+        self.noticed = set()
         self.next_rescan = 0.0
 
     # --- the bus --------------------------------------------------------------------------

@@ -53,6 +53,9 @@ class Registry:
         self.workers: dict[str, WorkerInfo] = {}
         self.components: dict[str, float] = {}
         self.refused = 0  # heartbeats dropped: registry full, or a live id from another key
+        # route() answers, kept until a heartbeat or expiry changes who is alive: the
+        # dispatch loop asks several times per task.
+        self._routes: dict[str, str | None] = {}
 
     def heartbeat(self, hb: Heartbeat, now: float,
                   peer: str = "") -> tuple[str | None, bool] | None:
@@ -75,6 +78,7 @@ class Registry:
                 self.refused += 1
                 return None
         self.components["worker"] = now
+        self._routes.clear()
         restarted = old is not None and (
             old.hb.pid != hb.pid
             or bool(old.hb.started and hb.started and old.hb.started != hb.started))
@@ -96,6 +100,7 @@ class Registry:
             if w.alive and now - w.seen > self.liveness_s:
                 w.lost_at = now
                 lost.append(w)
+                self._routes.clear()
             elif not w.alive and w.lost_at is not None \
                     and now - w.lost_at > self.lost_visible_s:
                 del self.workers[wid]
@@ -110,13 +115,14 @@ class Registry:
         Its own class when a live worker serves it, else the other class's socket
         when any live worker is there (fallback), else None (nobody is alive).
         """
+        if cls in self._routes:
+            return self._routes[cls]
         alive = self.alive()
-        if any(w.serves(cls) for w in alive):
-            return cls
         other = CLASSES[1 - CLASSES.index(cls)] if cls in CLASSES else "light"
-        if any(w.serves(other) for w in alive):
-            return other
-        return None
+        route = (cls if any(w.serves(cls) for w in alive) else
+                 other if any(w.serves(other) for w in alive) else None)
+        self._routes[cls] = route
+        return route
 
     def seen_within(self, role: str, seconds: float, now: float) -> bool:
         last = self.components.get(role)

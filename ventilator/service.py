@@ -58,7 +58,7 @@ from imgpipe.core.protocol import (
     encode,
     encode_topic,
 )
-from imgpipe.core.records import Fenced
+from imgpipe.core.records import Fenced, NotFound, check_id
 from imgpipe.core.runtime import serve
 from imgpipe.core.sockets import TASK_BUFFER_BYTES, make_socket, release, start_authenticator
 from imgpipe.core.store import Store
@@ -188,6 +188,8 @@ class Ventilator:
             now = time.time()
             if self.tenure.active and self.disp.wants_rescan(now):
                 self.rescan(now)
+            elif self.tenure.active and self.disp.noticed:
+                self.load_noticed(now)
             if now >= next_tick:
                 # Heartbeats first: after a stall of this process (a slow disk, a
                 # paused container) the beats are waiting in the socket, and judging
@@ -211,6 +213,10 @@ class Ventilator:
 
     def drain(self, s: zmq.Socket[Any], handler: Any, limit: int = 0) -> None:
         for _ in range(limit or DRAIN):
+            # Asked first: a zmq.Again raised at the end of every drain cost more than
+            # the message it ended (the exception builds an errno enum each time).
+            if not int(s.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                return
             try:
                 frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -225,9 +231,14 @@ class Ventilator:
 
     # --- inbound -------------------------------------------------------------------------
     def on_intake(self, frames: list[Any]) -> None:
-        decode(frames, expect=Notice)
+        notice = decode(frames, expect=Notice)
+        try:
+            check_id(notice.job_id)
+        except NotFound:
+            raise ProtocolError(f"notice for a job id that is no UUID: "
+                                f"{notice.job_id[:80]!r}") from None
         if self.tenure.active:
-            self.disp.on_notice(time.time())
+            self.disp.on_notice(notice.job_id, time.time())
 
     def on_bus(self, frames: list[Any]) -> None:
         msg = decode_topic(frames)
@@ -282,6 +293,18 @@ class Ventilator:
             self.disp.next_rescan = now + self.settings.rescan_interval_s
             return
         self.disp.load(tasks, now, complete=len(tasks) < SCAN_LIMIT)
+
+    def load_noticed(self, now: float) -> None:
+        """The outputs of the jobs noticed since the last turn, read by job id (a full
+        scan per notice would read every open output once per job)."""
+        jobs = self.disp.take_noticed()
+        try:
+            tasks = self.store.open_tasks_of(jobs)
+        except Exception:
+            log.exception("job store read of %d noticed job(s) failed; the next rescan "
+                          "finds them", len(jobs))
+            return
+        self.disp.load(tasks, now, complete=False, scan=False)
 
     def dispatch(self) -> None:
         """Send queued tasks while their sockets have room, alternating the classes."""

@@ -80,6 +80,16 @@ def test_open_tasks_and_counts(store: Store) -> None:
     assert store.open_tasks(states=("running",))[0].attempts == 1
 
 
+def test_open_tasks_of_reads_only_the_named_jobs(store: Store) -> None:
+    a, b, c = make_job(store, 1, 2), make_job(store, 1, 2), make_job(store, 1, 1)
+    store.mark_dispatched(task_id(a, 1), 1)
+    store.fail(task_id(b, 0), "x")
+    got = store.open_tasks_of([a, b])
+    assert [(t.job_id, t.n, t.state) for t in got] == [
+        (a, 0, "queued"), (a, 1, "running"), (b, 1, "queued")]
+    assert store.open_tasks_of([]) == [] and [t.job_id for t in store.open_tasks_of([c])] == [c]
+
+
 @pytest.mark.parametrize("bad", ["../etc", "%2e%2e", "", "0" * 36, new_job_id().upper(),
                                  new_job_id() + "/x", None, 5])
 def test_hostile_ids_never_reach_the_filesystem(store: Store, bad: object) -> None:

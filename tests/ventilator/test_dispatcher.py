@@ -357,3 +357,23 @@ def test_a_live_worker_id_answers_only_for_its_own_key(d: Dispatcher) -> None:
     assert d.registry.listing(0.6)[0]["pid"] == 100
     d.on_heartbeat(hb("w1", 1.0, seq=2), 1.0, peer="key-a")  # the real one goes on
     assert d.registry.refused == 1
+
+
+def test_a_notice_queues_its_job_and_leaves_the_rescan_where_it_was(d: Dispatcher) -> None:
+    from imgpipe.ventilator.dispatcher import NOTICED_MAX
+
+    d.load([], 0.0, complete=True)
+    assert not d.wants_rescan(0.5) and d.next_rescan == 1.0
+    d.on_notice(JOB, 0.5)
+    assert d.take_noticed() == [JOB] and d.take_noticed() == []
+    d.load([task(0)], 0.5, complete=False, scan=False)
+    assert d.next_rescan == 1.0 and list(d.entries) == [tid(0)]
+    d.on_heartbeat(hb("w1", 0.5), 0.5)
+    e = d.next_task("light", 0.5)
+    assert e is not None and e.task.task_id == tid(0)
+    # A flood of notices: past the cap, one full rescan instead of reads by id.
+    for i in range(NOTICED_MAX + 5):
+        d.on_notice(f"{i:08d}-0000-4000-8000-000000000000", 0.6)
+    assert len(d.noticed) == NOTICED_MAX and d.wants_rescan(0.6)
+    d.load([], 0.6, complete=True)
+    assert d.noticed == set() and not d.wants_rescan(0.6)

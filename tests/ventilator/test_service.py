@@ -13,8 +13,10 @@ import pytest
 import zmq
 import zmq.auth
 
-from imgpipe.core.protocol import Heartbeat, Metric, encode_topic
+from imgpipe.core.protocol import Heartbeat, Metric, Notice, Task, decode, encode, encode_topic
+from imgpipe.core.records import Original, new_job_id
 from imgpipe.core.sockets import make_socket
+from imgpipe.core.store import Store
 from imgpipe.ventilator.service import Ventilator
 from tests.support import make_settings, wait_for
 
@@ -89,6 +91,59 @@ def test_a_stall_of_the_ventilator_does_not_lose_a_beating_worker(
         loop.join(10)
         pub.close(linger=0)
         vent.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_notice_dispatches_its_job_at_once_and_a_bad_one_is_dropped(
+        tmp_path: Path, zctx: zmq.Context[Any]) -> None:
+    """A job noticed on the intake socket goes out long before the next rescan (an hour
+    away here): the ventilator reads that job's outputs by id. A notice naming no job id
+    this service could have made is counted and dropped, and the loop goes on."""
+    settings = dataclasses.replace(make_settings(tmp_path / "data", dashboard_bus_endpoint=""),
+                                   heartbeat_interval_s=0.2, rescan_interval_s=3600.0)
+    vent = Ventilator(settings, zctx)
+    store = Store.from_settings(settings)
+    stop = threading.Event()
+    loop = threading.Thread(target=vent.loop, args=(stop,), daemon=True)
+    pub = make_socket(zctx, zmq.XPUB, settings, connect=settings.bus_endpoint)
+    intake = make_socket(zctx, zmq.PUSH, settings, connect=settings.intake_endpoint)
+    pull = make_socket(zctx, zmq.PULL, settings, connect=settings.light_task_endpoint,
+                       max_bytes=settings.max_message_bytes)
+    loop.start()
+    try:
+        assert pub.poll(5000, zmq.POLLIN), "the ventilator's bus never subscribed"
+        pub.recv()
+        pub.send_multipart(encode_topic(Heartbeat(worker="w1", host="h", pid=7, seq=1,
+                                                  ts=time.time())))
+        wait_for(lambda: vent.disp.registry.counts()["alive"] == 1, 10, what="w1 joined")
+        wait_for(lambda: vent.disp.next_rescan > time.time() + 60, 10,
+                 what="the first scan done, the next an hour away")
+        scans = [0]
+        full_scan = vent.store.open_tasks
+
+        def counted(**kw: Any) -> Any:
+            scans[0] += 1
+            return full_scan(**kw)
+
+        vent.store.open_tasks = counted  # type: ignore[method-assign]
+        intake.send_multipart(encode(Notice(job_id="../../etc/passwd")))
+        wait_for(lambda: vent.disp.counters["bad_messages"] == 1, 10,
+                 what="the bad notice counted")
+        job = new_job_id()
+        store.save_original(job, 0, "jpeg", b"\xff\xd8original")
+        store.create_job(job, [Original("jpeg", 10, 8, 10)], [("resize:w=4", "light")])
+        intake.send_multipart(encode(Notice(job_id=job, outputs=1)))
+        assert pull.poll(10_000, zmq.POLLIN), "no task 10 s after the notice"
+        task = decode(pull.recv_multipart(copy=False), expect=Task)
+        assert (task.job_id, task.n, bytes(task.payload)) == (job, 0, b"\xff\xd8original")
+        assert scans[0] == 0  # read by its id: no scan of every open output
+    finally:
+        stop.set()
+        loop.join(10)
+        for sock in (pub, intake, pull):
+            sock.close(linger=0)
+        vent.close()
+        store.close()
 
 
 def test_a_ventilator_that_cannot_start_exits_instead_of_hanging(tmp_path: Path) -> None:
