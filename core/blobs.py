@@ -303,6 +303,19 @@ def _process_tag(pid: int) -> str | None:
         return None
 
 
+_own_tag: tuple[int, str] | None = None
+
+
+def _this_process_tag() -> str:
+    """:func:`_process_tag` of this process, read from /proc once (again after a fork):
+    every output the sink writes is named with it."""
+    global _own_tag
+    pid = os.getpid()
+    if _own_tag is None or _own_tag[0] != pid:
+        _own_tag = (pid, f"{_process_tag(pid)}@{socket.gethostname()}")
+    return _own_tag[1]
+
+
 def _writer_gone(name: str) -> bool:
     """True when a partial file's name (``.tmp-<pid>.<start>@<host>~<random>``) says it
     was written by a process of this host that no longer runs."""
@@ -320,7 +333,7 @@ def write_atomic(path: Path, data: bytes | memoryview) -> Path:
     process of which host writes it, so a sink restarted after a crash can tell its
     predecessor's leftovers from the files another sink on the same store is writing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f"{PARTIAL}{_process_tag(os.getpid())}@{socket.gethostname()}~"
+    prefix = f"{PARTIAL}{_this_process_tag()}~"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
     try:
         with os.fdopen(fd, "wb") as fh:
