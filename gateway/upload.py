@@ -310,6 +310,7 @@ def _stage(stream: Readable, store: Store, settings: Settings, *, index: int,
     with ``digest``, hash it on the way (SHA-256: ~1 ms of CPU per MB here)."""
     fd, tmp = store.stage_upload()
     head = bytearray()
+    tail = b""
     size = 0
     sha = hashlib.sha256() if digest else None
     try:
@@ -318,6 +319,7 @@ def _stage(stream: Readable, store: Store, settings: Settings, *, index: int,
                 size += len(chunk)
                 if len(head) < HEAD:
                     head += chunk[:HEAD - len(head)]
+                tail = chunk[-TAIL:] if len(chunk) >= TAIL else (tail + chunk)[-TAIL:]
                 if sha is not None:
                     sha.update(chunk)
                 fh.write(chunk)
@@ -325,7 +327,7 @@ def _stage(stream: Readable, store: Store, settings: Settings, *, index: int,
             raise ImageError("the part is empty (0 bytes)", field="image")
         info = _probe(bytes(head), tmp, size)
         check_pixels(info, settings.max_pixels)
-        _check_end(info.format, tmp, size)
+        _check_end(info.format, tail)
     except ImageError as exc:
         tmp.unlink(missing_ok=True)
         exc.detail = f"image #{index + 1}: {exc.detail}"
@@ -349,14 +351,12 @@ def _probe(head: bytes, tmp: Path, size: int) -> Any:
     return probe(tmp.read_bytes())
 
 
-def _check_end(fmt: str, tmp: Path, size: int) -> None:
-    """415 for a JPEG/PNG/GIF without its end marker: it was cut short in transit."""
+def _check_end(fmt: str, tail: bytes) -> None:
+    """415 for a JPEG/PNG/GIF without its end marker: it was cut short in transit.
+    ``tail`` is the image's last bytes, kept while it streamed to disk."""
     marker = END_MARKERS.get(fmt)
     if marker is None:
         return
-    with tmp.open("rb") as fh:
-        fh.seek(max(0, size - TAIL))
-        tail = fh.read()
     tail = tail.rstrip(b"\x00\r\n ")
     if not (tail.endswith(marker) if fmt == "gif" else marker in tail):
         raise ImageError(f"truncated {fmt.upper()}: no end-of-image marker", field="image")

@@ -174,6 +174,32 @@ def test_a_streamed_body_is_cut_at_the_limit() -> None:
     assert reader.count <= 601, "read past the limit"
 
 
+class Trickle:
+    """A body that arrives a few bytes per read, so the end marker spans reads."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self.data, self.step = data, step
+
+    def read(self, size: int = -1, /) -> bytes:
+        chunk, self.data = self.data[:self.step], self.data[self.step:]
+        return chunk
+
+
+@pytest.mark.parametrize("step", [1, 3, 4095, 4097])
+def test_the_end_marker_is_found_across_reads(settings: Any, step: int) -> None:
+    from imgpipe.core.errors import ImageError
+    from imgpipe.core.store import Store
+    from imgpipe.gateway.upload import _stage
+
+    store = Store.from_settings(settings)
+    good = im.jpeg(64, 48, seed=2)
+    staged = _stage(Trickle(good, step), store, settings, index=0)
+    assert staged.tmp.read_bytes() == good and staged.nbytes == len(good)
+    with pytest.raises(ImageError, match="truncated JPEG"):
+        _stage(Trickle(good[:-2], step), store, settings, index=0)
+    store.close()
+
+
 def test_a_body_over_the_limit_without_content_length_is_413(settings: Any,
                                                               make_gateway: Any) -> None:
     gw = make_gateway(settings.with_overrides(max_upload_bytes=20_000))
