@@ -84,14 +84,13 @@ class ProcessResource:
         if upload.negotiated:  # the recorded chain depends on Accept
             resp.append_header("Vary", "Accept")
         final = wait_s > 0 and self.waiter.wait(job_id, wait_s)
-        job = self.store.job(job_id)
-        if final and len(job.outputs) == 1 and wants_image(req):
+        if final and upload.outputs == 1 and wants_image(req):
             serve_output(req, resp, self.store, job_id, 0, owner=owner_of(req))
             if not upload.negotiated:  # image or JSON: chosen by Accept
                 resp.append_header("Vary", "Accept")
             return
         resp.status = falcon.HTTP_200 if final else falcon.HTTP_202
-        resp.media = job_doc(job)
+        resp.media = job_doc(self.store.job(job_id))
 
     def check_capacity(self, new_outputs: int) -> None:
         """503 + Retry-After when ``new_outputs`` would push the queue over its limit.
