@@ -59,6 +59,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--workers", default="1,2,3",
                    help="pipeline worker counts, comma-separated (default 1,2,3)")
     p.add_argument("--repeat", type=int, default=3, help="passes per mode (default 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="times each pass runs every image (default 1): with more, a pass "
+                   "is long enough that its start and its drain are a small part of it, "
+                   "which is the steady state a service runs in")
+    p.add_argument("--concurrency", type=int, default=16,
+                   help="requests the pipeline mode keeps in flight (default 16)")
     p.add_argument("--modes", default=DEFAULT_MODES,
                    help=f"comma-separated subset of {DEFAULT_MODES} (pipeline-wN also accepted)")
     p.add_argument("--probe", type=int, default=10,
@@ -81,8 +87,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ops, size = WORKLOADS[ns.workload]
     ns.ops = ns.ops or ops
     ns.size = ns.size or size
-    if ns.images < 1 or ns.repeat < 1 or ns.probe < 0:
-        p.error("--images and --repeat must be at least 1, --probe at least 0")
+    if min(ns.images, ns.repeat, ns.rounds, ns.concurrency) < 1 or ns.probe < 0:
+        p.error("--images, --repeat, --rounds and --concurrency must be at least 1, "
+                "--probe at least 0")
     try:
         ns.size_wh = parse_size(ns.size)
         ns.worker_counts = sorted({int(x) for x in ns.workers.split(",") if x.strip()})
@@ -112,6 +119,9 @@ def _pipeline_n(name: str) -> int | None:
 
 
 def build_modes(ns: argparse.Namespace, images: list[bytes], spec: str) -> list[Mode]:
+    """The modes asked for, each given the pass's work: every image ``rounds`` times."""
+    images = images * ns.rounds
+    pipe: dict[str, Any] = {"upload": ns.upload, "concurrency": ns.concurrency}
     modes: list[Mode] = []
     for name in ns.mode_names:
         if name == "naive-sequential":
@@ -126,18 +136,17 @@ def build_modes(ns: argparse.Namespace, images: list[bytes], spec: str) -> list[
             modes.append(Limit(images, spec))
         elif name == "pipeline" and ns.url and ns.scale_with:
             modes += [Pipeline(images, spec, url=ns.url.rstrip("/"), workers=n,
-                               scale_with=ns.scale_with, upload=ns.upload)
+                               scale_with=ns.scale_with, **pipe)
                       for n in ns.worker_counts]
         elif name == "pipeline" and ns.url:
-            modes.append(Pipeline(images, spec, url=ns.url, upload=ns.upload))
+            modes.append(Pipeline(images, spec, url=ns.url, **pipe))
             if len(ns.urls) > 1:  # the same stack through all its gateways
-                modes.append(Pipeline(images, spec, url=ns.url, upload=ns.upload,
-                                      also=tuple(ns.urls[1:])))
+                modes.append(Pipeline(images, spec, url=ns.url, also=tuple(ns.urls[1:]),
+                                      **pipe))
         elif name == "pipeline":
-            modes += [Pipeline(images, spec, workers=n, upload=ns.upload)
-                      for n in ns.worker_counts]
+            modes += [Pipeline(images, spec, workers=n, **pipe) for n in ns.worker_counts]
         elif (n := _pipeline_n(name)) is not None:  # always a private stack
-            modes.append(Pipeline(images, spec, workers=n, upload=ns.upload))
+            modes.append(Pipeline(images, spec, workers=n, **pipe))
     return modes
 
 
@@ -301,7 +310,9 @@ def run(ns: argparse.Namespace) -> int:
         "version": 1, "created": report.now_iso(), "machine": host,
         "config": {"images": len(images), "size": f"{first.width}x{first.height}",
                    "input": str(ns.input) if ns.input else None, "seed": ns.seed,
-                   "workload": ns.workload, "upload": ns.upload, "ops": ns.ops, "ops_canonical": canonical, "repeat": ns.repeat,
+                   "workload": ns.workload, "upload": ns.upload, "ops": ns.ops,
+                   "ops_canonical": canonical, "repeat": ns.repeat, "rounds": ns.rounds,
+                   "concurrency": ns.concurrency,
                    "workers": ns.worker_counts, "modes": ns.mode_names, "url": ns.url,
                    "urls": ns.urls},
         "images": {"count": len(images), "bytes_total": sum(map(len, images)),

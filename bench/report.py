@@ -121,8 +121,10 @@ def _num(v: Any, fmt: str = "{:.1f}") -> str:
 
 def table(report: dict[str, Any]) -> Table:
     cfg = report["config"]
-    t = Table(title=f"imgpipe bench: {cfg['images']} image(s) {cfg['size']}, median of "
-                    f"{cfg['repeat']} pass(es)", caption=f"ops {cfg['ops']}")
+    rounds = cfg.get("rounds", 1)
+    each = f" × {rounds} rounds" if rounds > 1 else ""
+    t = Table(title=f"imgpipe bench: {cfg['images']} image(s){each} {cfg['size']}, median "
+                    f"of {cfg['repeat']} pass(es)", caption=f"ops {cfg['ops']}")
     for col in ("mode", "procs", "img/s (min–max)", "p50 ms", "p95 ms", "CPU ms/img",
                 "cores", "peak RSS MB", "× naive", "÷ limit", "CPU eff"):
         t.add_column(col, justify="left" if col == "mode" else "right")

@@ -50,8 +50,19 @@ def test_tiny_run_of_every_local_mode(tmp_path: Path) -> None:
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.timeout(300)
+def test_rounds_run_every_image_again_in_one_pass(tmp_path: Path) -> None:
+    code, doc = run(tmp_path, "--modes", "sequential,limit", "--rounds", "3")
+    assert code == 0
+    assert doc["config"]["rounds"] == 3 and doc["config"]["images"] == 2
+    for m in doc["modes"]:
+        assert "error" not in m, m
+        assert m["runs"][0]["images"] == 6
+
+
 @pytest.mark.parametrize("args", [["--modes", "sequential,bogus"], ["--workers", "0"],
-                                  ["--size", "big"], ["--images", "0"],
+                                  ["--size", "big"], ["--images", "0"], ["--rounds", "0"],
+                                  ["--concurrency", "0"],
                                   ["--url", "http://192.0.2.1:8000"]])
 def test_bad_flags_exit_2(args: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
