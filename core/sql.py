@@ -33,6 +33,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -85,6 +86,29 @@ def open_backend(data_dir: Path, url: str = "", *, pool_size: int = 8) -> Backen
 
 
 # --- SQLite ---------------------------------------------------------------------------
+BUSY_TIMEOUT_S = 30.0
+WAL_RETRY_S = 0.02
+
+
+def _set_wal(db: sqlite3.Connection, timeout_s: float = BUSY_TIMEOUT_S) -> None:
+    """``PRAGMA journal_mode=WAL``, tried again while another process holds a lock.
+
+    SQLite answers this pragma "database is locked" at once, without its busy handler,
+    when another connection is mid-write on a new database (the busy wait could
+    deadlock there): every component starting together on a fresh data dir raced on it,
+    and the losers exited.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + WAL_RETRY_S > deadline:
+                raise
+        time.sleep(WAL_RETRY_S)
+
+
 class Sqlite:
     """``jobs.sqlite3``: WAL, one connection per thread (made again after a fork)."""
 
@@ -98,11 +122,11 @@ class Sqlite:
         """This thread's connection (tests trace its statements)."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None or self._local.pid != os.getpid():
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
+            _set_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=30000")
+            db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
             self._local.db, self._local.pid = db, os.getpid()
         return db
 

@@ -208,3 +208,40 @@ def test_holders_racing_for_a_free_lease_one_gets_it(tmp_path: Path, store: Stor
     winners = {h: tok for h, tok in got.items() if tok is not None}
     assert len(got) == 6 and len(winners) == 1, got
     assert store.lease_holder("fenced") == next(iter(winners))
+
+
+def test_a_store_opened_while_another_process_writes_a_new_database_waits(
+        tmp_path: Path) -> None:
+    """SQLite refuses ``journal_mode=WAL`` at once, busy timeout or not, while another
+    connection is mid-write on a database still in rollback mode (every component
+    starting together on a fresh data dir): opening the store waits it out instead."""
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("CREATE TABLE early (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO early VALUES (1)")
+    probe = sqlite3.connect(path, isolation_level=None, timeout=30)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        probe.execute("PRAGMA journal_mode=WAL")  # the refusal this guards against
+    probe.close()
+    opened: list[Store] = []
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        try:
+            opened.append(Store(tmp_path))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=open_store)
+    thread.start()
+    thread.join(0.5)
+    assert thread.is_alive() and not errors  # waiting for the writer, not failed
+    other.execute("COMMIT")
+    other.close()
+    thread.join(30)
+    assert not errors and len(opened) == 1
+    assert opened[0].totals().jobs == 0
+    opened[0].close()
