@@ -135,7 +135,7 @@ def build_modes(ns: argparse.Namespace, images: list[bytes], spec: str) -> list[
         elif name == "limit":
             modes.append(Limit(images, spec))
         elif name == "pipeline" and ns.url and ns.scale_with:
-            modes += [Pipeline(images, spec, url=ns.url.rstrip("/"), workers=n,
+            modes += [Pipeline(images, spec, url=ns.url, workers=n,
                                scale_with=ns.scale_with, **pipe)
                       for n in ns.worker_counts]
         elif name == "pipeline" and ns.url:

@@ -74,7 +74,6 @@ class BlobFile(io.RawIOBase):
         return True
 
 
-
 class ObjectStoreError(OSError):
     """The object store refused or could not be reached (after the client's retries):
     a blob store outage, which a caller answers as "retry later", not as a bad request."""

@@ -27,6 +27,7 @@ never wait on each other's counters), after every other row the transaction lock
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -62,6 +63,8 @@ Row = Mapping[str, Any]
 
 __all__ = ["Store", "NotFound", "Fenced"]
 
+# The columns of an OpenTask, named as its fields.
+OPEN_TASK_COLUMNS = ", ".join(f.name for f in dataclasses.fields(OpenTask))
 TOMBSTONE_S = 86400.0  # how long an expired job answers 410 before it is unknown (a row each)
 
 
@@ -280,10 +283,10 @@ class Store:
         # SQLite cannot prove the index covers them and scans every output ever stored.
         with self._db() as db:
             rows = db.execute(
-                f"SELECT task_id, job_id, n, image, ops, cost, state, attempts, queued_at"
-                f" FROM outputs WHERE state IN ('queued', 'running') AND state IN ({marks})"
+                f"SELECT {OPEN_TASK_COLUMNS} FROM outputs"
+                f" WHERE state IN ('queued', 'running') AND state IN ({marks})"
                 f" ORDER BY queued_at, job_id, n LIMIT ?", (*states, limit)).fetchall()
-        return [OpenTask(**r) for r in rows]  # the columns are the fields
+        return [OpenTask(**r) for r in rows]
 
     def open_tasks_of(self, job_ids: Sequence[str]) -> list[OpenTask]:
         """The outputs of ``job_ids`` not yet final, oldest first: what a notice of
@@ -293,8 +296,8 @@ class Store:
         marks = ",".join("?" * len(job_ids))
         with self._db() as db:
             rows = db.execute(
-                f"SELECT task_id, job_id, n, image, ops, cost, state, attempts, queued_at"
-                f" FROM outputs WHERE job_id IN ({marks}) AND state IN ('queued', 'running')"
+                f"SELECT {OPEN_TASK_COLUMNS} FROM outputs"
+                f" WHERE job_id IN ({marks}) AND state IN ('queued', 'running')"
                 f" ORDER BY queued_at, job_id, n", tuple(job_ids)).fetchall()
         return [OpenTask(**r) for r in rows]
 
@@ -483,10 +486,8 @@ class Store:
     def lease_holder(self, name: str, *, now: float | None = None) -> str | None:
         """Who holds the lease ``name`` now, or None when nobody does."""
         now = time.time() if now is None else now
-        with self._db() as db:
-            row = db.execute("SELECT holder FROM leases WHERE name = ? AND expires > ?",
-                             (name, now)).fetchone()
-        return None if row is None else str(row["holder"])
+        held = self.lease(name)
+        return held.holder if held is not None and held.expires > now else None
 
     # --- retention ----------------------------------------------------------------------------
     def finished_jobs(self, *, before: float | None = None, limit: int = 200) -> list[str]:

@@ -38,7 +38,7 @@ import zmq
 from imgpipe.core.config import Settings, add_settings_args, endpoints, settings_from_args
 from imgpipe.core.errors import ConfigError, ProtocolError
 from imgpipe.core.protocol import TOPIC_CLAIM, Claim, Result, Task, decode, encode, encode_topic
-from imgpipe.core.runtime import serve, tune_malloc
+from imgpipe.core.runtime import serve
 from imgpipe.core.sockets import TASK_BUFFER_BYTES, make_socket
 from imgpipe.workers.monitor import Monitor, Stats, worker_id
 from imgpipe.workers.pipeline import Options, process_task
@@ -108,7 +108,6 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
         from imgpipe.filters.testing import enable_test_filters
 
         enable_test_filters()
-    tune_malloc()
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the slot threads, not inside a decode
