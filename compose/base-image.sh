@@ -11,7 +11,8 @@
 #    debootstrap a minimal bookworm (--variant=minbase) with python3 (3.11 in Debian 12,
 #    as requires-python wants),
 #    python3-venv, ca-certificates and the shared libraries the wheels link outside
-#    themselves (libstdc++6, libgcc-s1, zlib1g), then `docker import` the tree.
+#    themselves (libstdc++6, libgcc-s1, zlib1g), then `docker import` the tree
+#    (compose/debootstrap-image.sh, which compose/infra-image.sh uses too).
 #    debootstrap needs root and a Debian mirror: DEBIAN_MIRROR, else the one this host's
 #    apt uses (APT_DIR, default /etc/apt), else http://deb.debian.org/debian.
 #
@@ -64,21 +65,6 @@ if [ "${IMGPIPE_LOCAL_BASE:-0}" != 1 ]; then
   say "cannot pull $PYTHON_IMAGE (no registry?): building a base from Debian packages"
 fi
 
-command -v debootstrap >/dev/null || { say "error: debootstrap is not installed (apt-get install debootstrap)"; exit 1; }
-[ "$(id -u)" = 0 ] || { say "error: building $LOCAL_BASE with debootstrap needs root"; exit 1; }
-
-root=$(mktemp -d "${TMPDIR:-/tmp}/imgpipe-base.XXXXXX")
-trap 'rm -rf "$root"' EXIT
-say "debootstrap $SUITE (minbase + $PACKAGES) from $MIRROR"
-start=$(date +%s)
-debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$root" "$MIRROR" >&2
-# What an image does not need: package lists, caches, docs, man pages.
-rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/debconf/*-old \
-       "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
-       "$root"/var/log/* "$root"/tmp/* "$root"/root/.cache
-tar --numeric-owner -C "$root" -c . | docker import \
-  -c 'ENV LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-  -c 'CMD ["python3"]' \
-  -m "debootstrap $SUITE minbase + $PACKAGES" - "$LOCAL_BASE" >&2
-say "built $LOCAL_BASE in $(( $(date +%s) - start )) s"
+MIRROR="$MIRROR" SUITE="$SUITE" \
+  bash "$(dirname "$0")/debootstrap-image.sh" "$LOCAL_BASE" "$PACKAGES" python3
 echo "$LOCAL_BASE"
