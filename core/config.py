@@ -129,6 +129,10 @@ class Settings:
     inline_filter_ms: float = _doc(
         "a light chain whose filters are estimated under this many ms runs on the thread "
         "that decoded it, not in the filter pool (the hop costs about that); 0: never", 4.0)
+    idle_filter_threads: int = _doc(
+        "OpenCV threads a filter process runs a task on while nothing else on the host is "
+        "running (a lone image gets every core); 0: the CPUs the worker may use, 1: never",
+        0)
     shm_dir: Path = _doc("where workers put frame segments: a tmpfs (Docker: size it with "
                          "shm_size); the supervisor sweeps dead workers' segments there",
                          Path("/dev/shm"))
@@ -216,6 +220,8 @@ class Settings:
             need(getattr(self, name) >= 1, name, "use a whole number of at least 1")
         need(self.job_ttl_s >= 0, "job_ttl_s", "use 0 (keep forever) or a number of seconds")
         need(self.max_data_bytes >= 0, "max_data_bytes", "use 0 (no cap) or a number of bytes")
+        need(0 <= self.idle_filter_threads <= 256, "idle_filter_threads",
+             "use 0 (every CPU), 1 (never more than one) up to 256")
         need(0 <= self.inline_filter_ms <= 1000, "inline_filter_ms",
              "use 0 (always the pool) up to 1000 ms")
         blob = urlsplit(self.blob_url)

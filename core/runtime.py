@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -82,3 +83,29 @@ def die_with_parent() -> None:  # pragma: no cover - runs in a child before exec
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+LOADAVG = "/proc/loadavg"
+
+
+def host_idle(path: str = LOADAVG) -> bool:
+    """Whether nothing but the caller is running on this host right now.
+
+    The fourth field of ``/proc/loadavg`` is the number of threads runnable at this
+    instant, the caller's included (a container sees its host's). Anywhere it cannot
+    be read: False.
+    """
+    try:
+        with open(path, "rb") as f:
+            running = f.read(128).split()[3].split(b"/")[0]
+        return int(running) <= 1
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

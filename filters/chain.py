@@ -12,6 +12,7 @@ The user's order is never changed.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from imgpipe.core.errors import FilterError, ImageTooLarge
 from imgpipe.filters.codec import DEFAULT_MAX_PIXELS, EncodeParams
 from imgpipe.filters.geometry import ResizeParams, resize_scale, resize_size
 from imgpipe.filters.params import ParamError, Params, infos, quote
-from imgpipe.filters.pixels import Image, check_image
+from imgpipe.filters.pixels import Image, Target, check_image, writing_into
 from imgpipe.filters.registry import (
     CODEC_MS_PER_MP,
     REGISTRY,
@@ -35,6 +36,10 @@ from imgpipe.filters.smartcrop import recording
 MAX_FILTERS = 12
 MAX_SPEC_CHARS = 4096
 """Longest chain text accepted; a chain of 12 filters with every parameter fits easily."""
+PARSED_CACHE = 512
+"""Parsed chains kept per process: a service sees a few chains over and over (the
+gateway checks each twice, the worker and its filter process once more), and parsing
+one costs ~0.1 ms per step. Chains are immutable, so one object serves every caller."""
 REDUCE_FACTORS = (8, 4, 2)
 
 
@@ -66,15 +71,18 @@ class Chain:
     encode: EncodeParams | None = None
 
     def canonical(self) -> str:
-        parts = [step.canonical() for step in self.steps]
-        if self.encode is not None:
-            parts.append(Step("encode", self.encode).canonical())
-        return "|".join(parts)
+        text = self.__dict__.get("_canonical")  # computed once: a parsed chain is shared
+        if text is None:
+            parts = [step.canonical() for step in self.steps]
+            if self.encode is not None:
+                parts.append(Step("encode", self.encode).canonical())
+            text = self.__dict__["_canonical"] = "|".join(parts)
+        return text
 
     def __str__(self) -> str:
         return self.canonical()
 
-    @property
+    @functools.cached_property
     def cost(self) -> Cost:
         """``heavy`` if any step is heavy: the class of worker the task is routed to."""
         steps = self.steps if self.encode is None else (*self.steps, Step("encode", self.encode))
@@ -164,32 +172,45 @@ def _next_size(step: Step, width: int, height: int, max_pixels: int | None) -> t
 
 
 def apply_chain(img: Image, chain: Chain, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                gravities: list[str] | None = None) -> Image:
+                gravities: list[str] | None = None, into: Target | None = None) -> Image:
     """Run the steps in order; the input is never modified.
 
     Before a step that changes the size, its output size is checked against
     ``max_pixels`` so that no step allocates more than the limit allows. ``gravities``,
     when given, gets the gravity each ``smart`` placement used, in order: ``"smart"``
-    or ``"center"`` (see :func:`~imgpipe.filters.smartcrop.recording`).
+    or ``"center"`` (see :func:`~imgpipe.filters.smartcrop.recording`). ``into`` is
+    offered to the last step for its result (:func:`~imgpipe.filters.pixels.writing_into`);
+    whether it was used, the caller sees from the array returned.
     """
     check_image(img)
     img = np.ascontiguousarray(img)
+    last = len(chain.steps) - 1
     with recording() as used:
-        for step in chain.steps:
+        for i, step in enumerate(chain.steps):
             height, width = img.shape[:2]
             _next_size(step, width, height, max_pixels)
-            img = step.spec.fn(img, step.params)
+            with writing_into(into if i == last else None):
+                img = step.spec.fn(img, step.params)
     if gravities is not None:
         gravities.extend(used)
     return img
 
 
 def parse_chain(spec: str, *, max_filters: int = MAX_FILTERS) -> Chain:
-    """Parse and check a chain; every error is a ``FilterError`` naming what is wrong."""
+    """Parse and check a chain; every error is a ``FilterError`` naming what is wrong.
+
+    The same text gives the same (shared, immutable) chain object while it stays among
+    the last ``PARSED_CACHE`` parsed; errors are not kept, so a bad chain is refused
+    afresh each time."""
     if not isinstance(spec, str):
         raise _error(f"ops must be text, got {type(spec).__name__}")
     if len(spec) > MAX_SPEC_CHARS:
         raise _error(f"ops is too long ({len(spec)} characters, at most {MAX_SPEC_CHARS})")
+    return _parse_chain(str(spec), max_filters)
+
+
+@functools.lru_cache(maxsize=PARSED_CACHE)
+def _parse_chain(spec: str, max_filters: int) -> Chain:
     if not spec.strip():
         raise _error("ops is empty; write e.g. resize:w=800|blur:radius=2")
     parts = spec.split("|")

@@ -13,7 +13,14 @@ import cv2
 import numpy as np
 
 from imgpipe.filters.params import ParamError, Params, param
-from imgpipe.filters.pixels import Image, as_image, luma, split_alpha, with_alpha
+from imgpipe.filters.pixels import (
+    Image,
+    as_image,
+    destination,
+    luma,
+    split_alpha,
+    with_alpha,
+)
 from imgpipe.filters.registry import register
 
 MAX_RADIUS = 100.0
@@ -30,7 +37,8 @@ def gaussian(img: Image, sigma: float) -> Image:
     PSNR of the exact Gaussian at σ = 100 and 54 dB below σ = 10.
     """
     if sigma <= _EXACT_SIGMA:
-        return as_image(cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE))
+        return as_image(cv2.GaussianBlur(img, (0, 0), sigma, dst=destination(img),
+                                         borderType=cv2.BORDER_REPLICATE))
     k = max(2, int(sigma / 2))
     height, width = img.shape[:2]
     sw, sh = -(-width // k), -(-height // k)

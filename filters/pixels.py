@@ -7,6 +7,9 @@ trailing channel axis of length 1, so every OpenCV result goes through ``as_imag
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any, TypeAlias
 
 import cv2
@@ -16,6 +19,36 @@ import numpy.typing as npt
 Image: TypeAlias = npt.NDArray[np.uint8]
 
 CHANNELS = (1, 3, 4)
+
+Target: TypeAlias = Callable[[tuple[int, ...]], "Image | None"]
+"""Offers an array of a given shape for a step's result (None: no room for it)."""
+_target: ContextVar[Target | None] = ContextVar("imgpipe_target", default=None)
+
+
+@contextlib.contextmanager
+def writing_into(target: Target | None) -> Iterator[None]:
+    """While inside, a step may put its result in the array ``target(shape)`` offers
+    (see :func:`destination`): the filter process gives the chain's last step the shared
+    memory the worker encodes from, so the result is not copied there after."""
+    token = _target.set(target)
+    try:
+        yield
+    finally:
+        _target.reset(token)
+
+
+def destination(src: Image, shape: tuple[int, ...] | None = None) -> Image | None:
+    """The array a step may write its ``shape``-d result into (``src``'s shape by
+    default), or None: none offered, no room, or it overlaps ``src``. OpenCV writes into
+    a ``dst`` of the right shape and type and returns it; a step that is given None
+    allocates its result as usual."""
+    target = _target.get()
+    if target is None:
+        return None
+    dst = target(tuple(shape or src.shape))
+    if dst is None or np.may_share_memory(dst, src):
+        return None
+    return dst
 
 
 def as_image(arr: Any) -> Image:
@@ -75,4 +108,4 @@ def lut(img: Image, table: npt.NDArray[np.uint8]) -> Image:
     if img.shape[2] == 4:
         identity = np.arange(256, dtype=np.uint8)
         table = np.stack([table, table, table, identity], axis=-1).reshape(256, 1, 4)
-    return as_image(cv2.LUT(img, table))
+    return as_image(cv2.LUT(img, table, dst=destination(img)))

@@ -4,8 +4,10 @@ It speaks JSON over its pipe (``send_bytes``/``recv_bytes``), so nothing it rece
 is unpickled and nothing large can cross by accident: a request names a segment, a
 shape, a dtype and the canonical ops string; the pixels stay where they are.
 
-Request ``{"seg", "shape", "dtype", "ops", "max_pixels"}`` -> reply ``{"ok": true, "shape", "dtype",
-"ms", "gravity"}`` once the result sits at the start of the same segment, or ``{"ok": false,
+Request ``{"seg", "shape", "dtype", "ops", "max_pixels", "threads"}`` -> reply ``{"ok": true, "shape", "dtype",
+"ms", "gravity", "threads"}`` once the result sits at the start of the same segment (the chain's last
+step writes it there itself when it can: blur, brightness and the other table filters;
+otherwise it is copied in), or ``{"ok": false,
 "error"}`` when the chain raised. ``gravity`` is what the chain's ``gravity=smart``
 placements did (:func:`gravity_note`). A result larger than the segment is answered
 ``{"need": nbytes}`` first; the worker replies ``{"seg": bigger}`` and the result is
@@ -35,6 +37,7 @@ from imgpipe.workers.shm import SHM_DIR, attach
 log = logging.getLogger(__name__)
 
 MAX_MAPPED = 6
+MAX_THREADS = 256
 
 
 class Mappings:
@@ -66,17 +69,32 @@ def run_job(req: dict[str, Any], maps: Mappings, conn: Connection) -> dict[str, 
     start = time.perf_counter()
     mm = maps.get(req["seg"])
     img = np.ndarray(tuple(req["shape"]), dtype=np.dtype(req["dtype"]), buffer=mm)
+    offered: list[np.ndarray] = []
+
+    def into(shape: tuple[int, ...]) -> np.ndarray | None:
+        """The segment itself for the last step's result, when it fits: the worker
+        encodes from there, so the result is not copied in after."""
+        if int(np.prod(shape)) > len(mm):
+            return None
+        offered.append(np.ndarray(shape, dtype=np.uint8, buffer=mm))
+        return offered[-1]
+
     try:
         chain = parse_chain(req["ops"], max_filters=64)  # the worker enforced the limit
         used: list[str] = []
         out = np.ascontiguousarray(apply_chain(img, chain, max_pixels=int(req["max_pixels"]),
-                                               gravities=used))
+                                               gravities=used, into=into))
     except Exception as exc:  # noqa: BLE001 - any filter failure is this task's, not ours
         log.debug("chain %s failed", req["ops"], exc_info=True)
         return {"ok": False, "error": _message(exc)}
-    if np.shares_memory(out, img):
+    finally:
+        del img
+    if any(_same(out, view) for view in offered):
+        offered.clear()
+        return _done(out, used, start)
+    offered.clear()
+    if np.shares_memory(out, mm):
         out = out.copy()  # the chain returned (a view of) its input: do not overlap
-    del img
     target = mm
     if out.nbytes > len(mm):
         conn.send_bytes(json.dumps({"need": out.nbytes}).encode())
@@ -87,6 +105,16 @@ def run_job(req: dict[str, Any], maps: Mappings, conn: Connection) -> dict[str, 
     dst = np.ndarray(out.shape, dtype=out.dtype, buffer=target)
     np.copyto(dst, out)
     del dst
+    return _done(out, used, start)
+
+
+def _same(out: np.ndarray, view: np.ndarray) -> bool:
+    """Whether ``out`` is ``view``: the step wrote its whole result there."""
+    return (out.shape == view.shape and out.dtype == view.dtype
+            and out.ctypes.data == view.ctypes.data)
+
+
+def _done(out: np.ndarray, used: list[str], start: float) -> dict[str, Any]:
     return {"ok": True, "shape": list(out.shape), "dtype": out.dtype.str,
             "ms": (time.perf_counter() - start) * 1000, "gravity": gravity_note(used)}
 
@@ -97,6 +125,14 @@ def gravity_note(used: list[str]) -> GravityNote | None:
     if not used:
         return None
     return "smart" if all(g == "smart" for g in used) else "center"
+
+
+def _threads(asked: Any, default: int) -> int:
+    """The OpenCV threads a request asks for, within 1..MAX_THREADS; ``default`` if it
+    asks for none (0 or absent)."""
+    if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0:
+        return min(asked, MAX_THREADS)
+    return default
 
 
 def _message(exc: BaseException) -> str:
@@ -118,13 +154,18 @@ def main(conn: Connection, cv2_threads: int, test_hooks: bool, shm_dir: str = st
 
         enable_test_filters()
     maps = Mappings(shm_dir=Path(shm_dir))
+    threads = cv2_threads
     try:
         while True:
             try:
                 req = json.loads(conn.recv_bytes())
             except (EOFError, OSError):
                 return
+            want = _threads(req.get("threads"), cv2_threads)
+            if want != threads:  # a lone task on an idle host runs on more cores
+                cv2.setNumThreads(threads := want)
             reply = run_job(req, maps, conn)
+            reply["threads"] = threads
             conn.send_bytes(json.dumps(reply).encode())
     finally:
         maps.close()

@@ -15,6 +15,11 @@ A light chain estimated to cost less than that trip (``inline_filter_ms``: a res
 after a reduced decode, a crop, a flip) runs on the slot thread between decode and
 encode instead, under the same gate: OpenCV releases the GIL, the frame is never
 copied, and the pool is left to the filters worth a process.
+
+A task sent to the pool while nothing else runs on the host (``host_idle``: one
+request alone) has its filters run on ``idle_filter_threads`` OpenCV threads, so a
+lone image gets the cores nobody else is using; under load, one thread per process, as
+the measurements in docs/worker.md ask.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 
 from imgpipe.core.errors import FilterError, ImageError
 from imgpipe.core.protocol import Result, Task
+from imgpipe.core.runtime import host_idle
 from imgpipe.filters import (
     MAX_FILTERS,
     EncodeParams,
@@ -56,6 +62,7 @@ class Options:
     delay_ms: int = 0
     gate: Any = field(default_factory=contextlib.nullcontext)
     inline_ms: float = 0.0
+    idle_threads: int = 1  # OpenCV threads for the filters while the host is idle
 
 
 def process_task(task: Task, pool: FilterPool, buffers: BufferSet, opts: Options, *,
@@ -116,8 +123,10 @@ def _run(task: Task, chain: Any, pool: FilterPool, buffers: BufferSet, opts: Opt
             shape, dtype = copy_into(img, out_size, buf)
             del img
         t = time.perf_counter()
+        threads = opts.idle_threads if opts.idle_threads > 1 and host_idle() else 0
         done = pool.run(buf.name, shape, dtype, chain.canonical(), deadline=task.deadline,
-                        max_pixels=opts.max_pixels, grow=lambda nbytes: _grow(buf, nbytes))
+                        max_pixels=opts.max_pixels, grow=lambda nbytes: _grow(buf, nbytes),
+                        threads=threads)
         timings["filters"] = (time.perf_counter() - t) * 1000
         with opts.gate:
             assert buf.shm is not None and buf.shm.name == done.seg

@@ -61,6 +61,7 @@ class FilterOutput:
     seg: str
     ipc_bytes: int
     gravity: GravityNote | None = None  # what the chain's smart placements did
+    threads: int = 1  # the OpenCV threads the process ran the chain on
 
 
 @dataclass
@@ -97,19 +98,22 @@ class FilterPool:
     # --- running a chain -----------------------------------------------------------------
     def run(self, seg: str, shape: tuple[int, ...], dtype: str, ops: str, *,
             deadline: float = 0.0, max_pixels: int = DEFAULT_MAX_PIXELS,
-            grow: Callable[[int], str] | None = None) -> FilterOutput:
+            grow: Callable[[int], str] | None = None, threads: int = 0) -> FilterOutput:
         """Run ``ops`` on the frame in segment ``seg``; the result is left in a segment.
 
         ``deadline`` is wall-clock seconds since the epoch (0: none). ``grow(nbytes)``
         returns a segment big enough for a result larger than its input; what it raises
-        (no room) is raised here once the process has dropped that result. Raises
+        (no room) is raised here once the process has dropped that result. ``threads``
+        is how many OpenCV threads the process may run this chain on (0: its own
+        setting). Raises
         FilterFailed (final), ProcessDied or DeadlineExceeded (retryable).
         """
         member = self._checkout(deadline)
         keep = False  # only a process that finished its conversation serves the next task
         try:
             request = json.dumps({"seg": seg, "shape": list(shape), "dtype": dtype,
-                                  "ops": ops, "max_pixels": max_pixels}).encode()
+                                  "ops": ops, "max_pixels": max_pixels,
+                                  "threads": threads}).encode()
             sent = len(request)
             member.conn.send_bytes(request)
             while True:
@@ -139,7 +143,8 @@ class FilterPool:
             gravity = reply.get("gravity")
             return FilterOutput(shape=tuple(reply["shape"]), dtype=str(reply["dtype"]),
                                 ms=float(reply["ms"]), seg=seg, ipc_bytes=sent,
-                                gravity=gravity if gravity in GRAVITY_NOTES else None)
+                                gravity=gravity if gravity in GRAVITY_NOTES else None,
+                                threads=int(reply.get("threads") or 1))
         finally:
             self._checkin(member, keep)
 

@@ -38,7 +38,7 @@ import zmq
 from imgpipe.core.config import Settings, add_settings_args, endpoints, settings_from_args
 from imgpipe.core.errors import ConfigError, ProtocolError
 from imgpipe.core.protocol import TOPIC_CLAIM, Claim, Result, Task, decode, encode, encode_topic
-from imgpipe.core.runtime import serve
+from imgpipe.core.runtime import serve, usable_cpus
 from imgpipe.core.sockets import TASK_BUFFER_BYTES, make_socket
 from imgpipe.workers.monitor import Monitor, Stats, worker_id
 from imgpipe.workers.pipeline import Options, process_task
@@ -64,7 +64,7 @@ SUBSCRIBER_WAIT_S = 2.0
 POOL_CV2_THREADS = 1
 
 FLAGS = ("worker_serves", "worker_processes", "worker_threads", "worker_slots",
-         "inline_filter_ms", "shm_dir",
+         "inline_filter_ms", "idle_filter_threads", "shm_dir",
          "data_dir", "light_task_endpoint", "heavy_task_endpoint", "result_endpoint",
          "bus_endpoint", "dashboard_bus_endpoint", "heartbeat_interval_s",
          "metrics_interval_s", "log_level")
@@ -155,7 +155,8 @@ class TaskLoop:
                             max_filters=settings.max_filters,
                             delay_ms=settings.worker_delay_ms if settings.test_hooks else 0,
                             gate=threading.BoundedSemaphore(settings.worker_threads),
-                            inline_ms=settings.inline_filter_ms)
+                            inline_ms=settings.inline_filter_ms,
+                            idle_threads=settings.idle_filter_threads or usable_cpus())
         self.active: dict[int, Task] = {}  # serial -> task taken, result not yet sent
         self.finished: queue.SimpleQueue[tuple[int, Result]] = queue.SimpleQueue()
         self.outbox: deque[tuple[int, Result]] = deque()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from imgpipe.core.errors import FilterError, ImageTooLarge
@@ -274,3 +275,43 @@ def test_chain_is_frozen() -> None:
     with pytest.raises(AttributeError):
         chain.steps = ()  # type: ignore[misc]
     assert isinstance(chain, Chain)
+
+
+def test_a_parsed_chain_is_shared_and_a_refusal_is_not_kept() -> None:
+    spec = "resize:w=640|blur:radius=1.5|encode:format=webp"
+    chain = parse_chain(spec)
+    assert parse_chain(spec) is chain  # the same text: the same immutable object
+    assert parse_chain(spec, max_filters=3) is not chain  # the limit is part of the key
+    assert chain.canonical() == "resize:w=640|blur:radius=1.5|encode:format=webp"
+    assert chain.canonical() is chain.canonical()  # computed once
+    for _ in range(2):  # refused each time, with the same words
+        with pytest.raises(FilterError, match="too many filters"):
+            parse_chain(spec, max_filters=1)
+        with pytest.raises(FilterError, match="unknown filter"):
+            parse_chain("blurr")
+    with pytest.raises(FilterError, match="must be text"):
+        parse_chain(["blur"])  # type: ignore[arg-type]
+
+
+def test_the_last_step_writes_into_what_it_is_offered_unless_it_overlaps_its_input() -> None:
+    img = photo(48, 64)
+    target = np.zeros((48, 64, 3), np.uint8)
+    asked: list[tuple[int, ...]] = []
+
+    def into(shape: tuple[int, ...]) -> np.ndarray | None:
+        asked.append(shape)
+        return target if shape == target.shape else None
+
+    for spec in ("blur:radius=2|brightness:factor=1.2", "brightness:factor=1.2|blur:radius=1"):
+        chain = parse_chain(spec)
+        out = apply_chain(img, chain, into=into)
+        assert out is target  # written in place, the same values as without
+        assert np.array_equal(out, apply_chain(img, chain))
+    assert asked == [(48, 64, 3), (48, 64, 3)]  # offered to the last step only
+    # The offered array is the input: the step allocates instead of overwriting it.
+    inplace = img.copy()
+    out = apply_chain(inplace, parse_chain("brightness:factor=1.2"), into=lambda _s: inplace)
+    assert out is not inplace and np.array_equal(inplace, img)
+    # No room: allocated as usual.
+    out = apply_chain(img, parse_chain("blur:radius=2"), into=lambda _s: None)
+    assert np.array_equal(out, apply_chain(img, parse_chain("blur:radius=2")))

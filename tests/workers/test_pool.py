@@ -54,6 +54,21 @@ def test_a_4k_frame_crosses_to_the_pool_without_pickling(
     assert np.array_equal(_result(buf, out), apply_chain(img, parse_chain(CHAIN)))
 
 
+@pytest.mark.parametrize("ops", [
+    "blur:radius=2|brightness:factor=1.1",  # the last step writes into the segment
+    "resize:w=200|blur:radius=1.5",  # so does a blur after a resize
+    "brightness:factor=0.7",  # its input is the segment: it may not write there
+    "resize:w=640",  # the input itself (no resize needed) comes back
+    "resize:w=120|rotate:deg=90",  # a step that cannot write there: copied in
+])
+def test_the_result_in_the_segment_is_the_chain_applied_in_process(
+        pool: FilterPool, buffers: BufferSet, ops: str) -> None:
+    img = decode(jpeg(640, 400, seed=5))
+    buf = _load(buffers, img)
+    out = pool.run(buf.name, img.shape, img.dtype.str, ops)
+    assert np.array_equal(_result(buf, out), apply_chain(img, parse_chain(ops)))
+
+
 def test_a_result_larger_than_its_buffer_gets_a_bigger_segment(
         pool: FilterPool, buffers: BufferSet) -> None:
     img = decode(jpeg(320, 200, seed=2))
@@ -138,3 +153,16 @@ def test_close_stops_every_process() -> None:
     p.close()
     wait_for(lambda: not any(psutil.pid_exists(pid) for pid in pids), 5,
              what="pool processes gone")
+
+
+def test_a_task_may_ask_for_more_opencv_threads_and_the_next_goes_back_to_one(
+        pool: FilterPool, buffers: BufferSet) -> None:
+    img = decode(jpeg(640, 400, seed=6))
+    buf = _load(buffers, img)
+    ops = "blur:radius=2|brightness:factor=1.1"
+    want = apply_chain(img, parse_chain(ops))
+    for threads, ran_on in ((2, 2), (0, 1), (3, 3), (-4, 1), (10_000, 256)):
+        np.ndarray(img.shape, img.dtype, buffer=buf.shm.buf)[...] = img
+        out = pool.run(buf.name, img.shape, img.dtype.str, ops, threads=threads)
+        assert out.threads == ran_on
+        assert np.array_equal(_result(buf, out), want)  # the same pixels on any count
