@@ -16,8 +16,8 @@ from imgpipe.core.config import Settings, endpoints
 from imgpipe.core.control import ask
 from imgpipe.core.errors import ConfigError
 from imgpipe.core.protocol import Reply, encode
-from imgpipe.core.sockets import bound_endpoint, make_socket, release
-from tests.support import free_port, make_settings, recv, short_dir
+from imgpipe.core.sockets import _ipc_listening, bound_endpoint, make_socket, release
+from tests.support import free_port, make_settings, recv, short_dir, wait_for
 
 
 def test_a_list_is_every_entry_and_one_endpoint_is_still_one() -> None:
@@ -124,6 +124,10 @@ def test_ask_takes_the_active_ventilators_answer_and_a_standbys_when_alone(
     assert ask(zctx, settings, "ping", timeout=5) == {"from": "active"}
     for t in threads:
         t.join(10)
+    # libzmq closes a listener in its I/O thread after close() returns: bind a again
+    # only once nothing listens there (bind_free refuses a path in use).
+    wait_for(lambda: not _ipc_listening(a.removeprefix("ipc://")), 5,
+             what="the first standby's listener to close")
     # The active one is gone (nothing listens): the standby's answer, at the deadline.
     alone = dataclasses.replace(settings, control_endpoint=f"{dead},{a}")
     thread = serve_once(zctx, alone, a, "standby")
