@@ -293,9 +293,11 @@ def test_a_parsed_chain_is_shared_and_a_refusal_is_not_kept() -> None:
         parse_chain(["blur"])  # type: ignore[arg-type]
 
 
-def test_the_last_step_writes_into_what_it_is_offered_unless_it_overlaps_its_input() -> None:
-    img = photo(48, 64)
-    target = np.zeros((48, 64, 3), np.uint8)
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_the_last_step_writes_into_what_it_is_offered_unless_it_overlaps_its_input(
+        channels: int) -> None:
+    img = photo(48, 64, channels)
+    target = np.zeros((48, 64, channels), np.uint8)
     asked: list[tuple[int, ...]] = []
 
     def into(shape: tuple[int, ...]) -> np.ndarray | None:
@@ -307,7 +309,7 @@ def test_the_last_step_writes_into_what_it_is_offered_unless_it_overlaps_its_inp
         out = apply_chain(img, chain, into=into)
         assert out is target  # written in place, the same values as without
         assert np.array_equal(out, apply_chain(img, chain))
-    assert asked == [(48, 64, 3), (48, 64, 3)]  # offered to the last step only
+    assert asked == [target.shape, target.shape]  # offered to the last step only
     # The offered array is the input: the step allocates instead of overwriting it.
     inplace = img.copy()
     out = apply_chain(inplace, parse_chain("brightness:factor=1.2"), into=lambda _s: inplace)
