@@ -138,3 +138,28 @@ def test_the_delay_hook_holds_the_slot(pool: FilterPool, buffers: BufferSet) -> 
     slow = Options(worker="w", max_pixels=50_000_000, delay_ms=300)
     result = process_task(task(jpeg(64, 48), "invert"), pool, buffers, slow)
     assert result.ok and result.timings["total"] >= 300
+
+
+@pytest.mark.parametrize(("idle", "sent"), [(True, 2), (False, 0)])
+def test_a_lone_task_on_an_idle_host_asks_the_pool_for_more_threads(
+        pool: FilterPool, buffers: BufferSet, monkeypatch: pytest.MonkeyPatch,
+        idle: bool, sent: int) -> None:
+    import imgpipe.workers.pipeline as pipeline
+
+    asked: list[int] = []
+    run = pool.run
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        asked.append(kw["threads"])
+        return run(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "host_idle", lambda: idle)
+    monkeypatch.setattr(pool, "run", spy)
+    data, ops = jpeg(640, 400, seed=4), "blur:radius=2|brightness:factor=1.1"
+    lending = Options(worker="test-1", max_pixels=50_000_000, idle_threads=2)
+    result = process_task(task(data, ops), pool, buffers, lending)
+    assert result.ok, result.error
+    assert bytes(result.payload) == reference(data, ops)  # the same bytes either way
+    never = process_task(task(data, ops), pool, buffers, OPTS)  # idle_threads=1: never
+    assert bytes(never.payload) == bytes(result.payload)
+    assert asked == [sent, 0]
