@@ -103,9 +103,22 @@ def host_idle(path: str = LOADAVG) -> bool:
         return False
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity), at least 1."""
+CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def usable_cpus(cpu_max: str = CPU_MAX) -> int:
+    """CPUs this process may use, at least 1: its affinity, capped by its cgroup's CPU
+    quota when it has one (``cpu.max`` of cgroup v2, as ``docker run --cpus`` and
+    Compose's ``cpus:`` set it), rounded up."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    try:
+        with open(cpu_max, "rb") as f:
+            quota, period = f.read(64).split()[:2]
+        if quota != b"max" and int(period) > 0:
+            cpus = min(cpus, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)

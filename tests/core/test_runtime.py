@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,4 +24,18 @@ def test_host_idle_reads_the_runnable_count(tmp_path: Path, text: bytes, idle: b
 
 def test_host_idle_is_false_where_there_is_no_loadavg(tmp_path: Path) -> None:
     assert host_idle(str(tmp_path / "missing")) is False
-    assert usable_cpus() >= 1
+
+
+@pytest.mark.parametrize(("text", "cap"), [
+    (b"150000 100000\n", 2),  # --cpus=1.5: two threads' worth, rounded up
+    (b"100000 100000\n", 1),
+    (b"max 100000\n", None),  # no quota: the affinity alone
+    (b"bogus\n", None),
+])
+def test_usable_cpus_is_the_affinity_capped_by_the_cgroup_quota(
+        tmp_path: Path, text: bytes, cap: int | None) -> None:
+    path = tmp_path / "cpu.max"
+    path.write_bytes(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(str(path)) == (min(affinity, cap) if cap else affinity)
+    assert usable_cpus(str(tmp_path / "missing")) == affinity
