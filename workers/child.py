@@ -4,15 +4,17 @@ It speaks JSON over its pipe (``send_bytes``/``recv_bytes``), so nothing it rece
 is unpickled and nothing large can cross by accident: a request names a segment, a
 shape, a dtype and the canonical ops string; the pixels stay where they are.
 
-Request ``{"seg", "shape", "dtype", "ops", "max_pixels", "threads"}`` -> reply ``{"ok": true, "shape", "dtype",
-"ms", "gravity", "threads"}`` once the result sits at the start of the same segment (the chain's last
-step writes it there itself when it can: blur, brightness and the other table filters;
-otherwise it is copied in), or ``{"ok": false,
-"error"}`` when the chain raised. ``gravity`` is what the chain's ``gravity=smart``
-placements did (:func:`gravity_note`). A result larger than the segment is answered
-``{"need": nbytes}`` first; the worker replies ``{"seg": bigger}`` and the result is
-copied there (the worker owns every segment's life; this process only maps them), or
-``{"seg": null}`` when it has no room for one, and the result is dropped.
+Request ``{"seg", "shape", "dtype", "ops", "max_pixels", "threads"}`` -> reply
+``{"ok": true, "shape", "dtype", "ms", "gravity", "threads"}`` once the result sits at the
+start of the same segment (the chain's last step writes it there itself when it can:
+blur, brightness and the other table filters; otherwise it is copied in), or
+``{"ok": false, "error"}`` when the chain raised. ``threads`` asks for that many OpenCV
+threads for this request (0: the process's own setting); the reply says how many ran.
+``gravity`` is what the chain's ``gravity=smart`` placements did (:func:`gravity_note`).
+A result larger than the segment is answered ``{"need": nbytes}`` first; the worker
+replies ``{"seg": bigger}`` and the result is copied there (the worker owns every
+segment's life; this process only maps them), or ``{"seg": null}`` when it has no room
+for one, and the result is dropped.
 """
 
 from __future__ import annotations
