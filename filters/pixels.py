@@ -41,13 +41,15 @@ def destination(src: Image, shape: tuple[int, ...] | None = None) -> Image | Non
     """The array a step may write its ``shape``-d result into (``src``'s shape by
     default), or None: none offered, no room, or it overlaps ``src``. OpenCV writes into
     a ``dst`` of the right shape and type and returns it; a step that is given None
-    allocates its result as usual."""
+    allocates its result as usual. The offer is taken once: a second helper of the same
+    step (sharpen's blur, then its sum) allocates, so no two results share the array."""
     target = _target.get()
     if target is None:
         return None
     dst = target(tuple(shape or src.shape))
     if dst is None or np.may_share_memory(dst, src):
         return None
+    _target.set(None)
     return dst
 
 

@@ -105,8 +105,8 @@ class FilterPool:
         returns a segment big enough for a result larger than its input; what it raises
         (no room) is raised here once the process has dropped that result. ``threads``
         is how many OpenCV threads the process may run this chain on (0: its own
-        setting). Raises
-        FilterFailed (final), ProcessDied or DeadlineExceeded (retryable).
+        setting). Raises FilterFailed (final), ProcessDied or DeadlineExceeded
+        (retryable).
         """
         member = self._checkout(deadline)
         keep = False  # only a process that finished its conversation serves the next task

@@ -317,3 +317,19 @@ def test_the_last_step_writes_into_what_it_is_offered_unless_it_overlaps_its_inp
     # No room: allocated as usual.
     out = apply_chain(img, parse_chain("blur:radius=2"), into=lambda _s: None)
     assert np.array_equal(out, apply_chain(img, parse_chain("blur:radius=2")))
+
+
+def test_a_step_whose_helpers_work_on_copies_still_leaves_its_input_alone() -> None:
+    # RGBA sharpen blurs a copy of the colour channels: the offer must still not be
+    # the step's own input, nor be handed to two helpers of one step.
+    img = photo(48, 64, 4)
+    inplace = img.copy()
+    chain = parse_chain("sharpen:radius=2,amount=1")
+    # As the filter process does: any shape that fits, over the same memory.
+    out = apply_chain(inplace, chain, into=lambda s: np.ndarray(s, np.uint8, buffer=inplace))
+    assert np.array_equal(inplace, img)
+    assert np.array_equal(out, apply_chain(img, chain))
+    spare = np.zeros((48, 64, 3), np.uint8)
+    out = apply_chain(img, parse_chain("invert|sharpen:radius=2,amount=1"),
+                      into=lambda s: spare if s == spare.shape else None)
+    assert np.array_equal(out, apply_chain(img, parse_chain("invert|sharpen:radius=2,amount=1")))
