@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from imgpipe.core.protocol import (
     encode,
 )
 from imgpipe.core.sockets import make_socket
+from imgpipe.workers.shm import sweep
 from tests.support import spawn
 
 
@@ -115,9 +117,15 @@ class Rig:
         return self.proc.wait(timeout)
 
     def close(self) -> None:
+        """As the supervisor stops a worker: SIGTERM (it unlinks its shared memory),
+        SIGKILL if it is still there after a while, then its segments swept."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+            try:
+                self.stop(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        sweep(self.proc.pid, self.settings.shm_dir)
         for sock in (*self.push.values(), self.results, self.bus):
             sock.close(linger=0)
 
