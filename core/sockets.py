@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 # ZeroMQ's own queues). 64 KiB still holds less than one 4K task, and moves one in
 # 1 ms of CPU where 8 KiB took 6 ms (docs/pipeline.md has both measurements).
 TASK_BUFFER_BYTES = 64 * 1024
+# Poll bits as plain ints: ``zmq.POLLIN`` is an IntFlag, and ``events & zmq.POLLIN``
+# runs enum.Flag's Python-level operator and constructor on every test of a hot loop.
+POLLIN = int(zmq.POLLIN)
+POLLOUT = int(zmq.POLLOUT)
 
 # ZMQ_MAXMSGSIZE of sockets that carry no image (bus, intake, control, subscriptions):
 # their messages are a few hundred bytes, so a peer cannot make one buffer megabytes.

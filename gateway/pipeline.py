@@ -207,6 +207,17 @@ class Pipeline:
         if msg.job_state in FINAL_JOB:
             self.wake(msg.job_id)
 
+    def awaited(self, frames: list[bytes]) -> bool:
+        """Whether an event may concern a job a request of this process waits on: its
+        header holds one of their ids. Every gateway process hears every job's ``Done``;
+        only those are decoded (a JSON header and its checks, per image, per process)."""
+        if len(frames) != 2:
+            return True  # malformed: decoding says so
+        with self._waiters_lock:
+            waited = list(self._waiters)
+        header = frames[1]
+        return any(job_id.encode() in header for job_id in waited)
+
     def _watch_done(self) -> None:
         assert self._ctx is not None
         sub = make_socket(self._ctx, zmq.SUB, self.settings,
@@ -216,6 +227,8 @@ class Pipeline:
                 if not sub.poll(POLL_MS, zmq.POLLIN):
                     continue
                 frames = sub.recv_multipart()
+                if not self.awaited(frames):
+                    continue
                 try:
                     msg = decode_topic(frames)
                     if isinstance(msg, Done):

@@ -117,6 +117,22 @@ class DeadlineSocket(socket.socket):
             log.info("client %s sent nothing for %g s: closing", _peer(self), self.gettimeout())
             raise ClientTimeout(errno.ECONNRESET, "client timed out") from None
 
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """As :meth:`recv`, into ``buffer``: the buffered head first, then the socket."""
+        view = memoryview(buffer).cast("B")
+        want = nbytes or len(view)
+        if self.head and not flags:
+            n = min(want, len(self.head))
+            view[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        try:
+            return super().recv_into(view, want, flags)
+        except TimeoutError:
+            self.timed_out = True
+            log.info("client %s sent nothing for %g s: closing", _peer(self), self.gettimeout())
+            raise ClientTimeout(errno.ECONNRESET, "client timed out") from None
+
     def shutdown(self, how: int) -> None:
         # gunicorn's graceful close lingers up to 2 s reading from the peer, on the
         # worker's main loop: N stalled clients would make the worker deaf for 2N s

@@ -36,6 +36,8 @@ from typing import Any, Protocol
 import falcon
 from falcon.media.multipart import MultipartForm, MultipartParseError, MultipartParseOptions
 from falcon.util.reader import BufferedReader
+from gunicorn.http.body import LengthReader
+from gunicorn.http.unreader import SocketUnreader
 
 from imgpipe.core.config import Settings
 from imgpipe.core.errors import FilterError, ImageError
@@ -51,7 +53,7 @@ CHUNK = 1024 * 1024
 
 
 class Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
+    def read(self, size: int = -1, /) -> bytes | memoryview: ...
 
 
 HEAD = 256 * 1024          # bytes kept to probe a header (EXIF/ICC can push SOF far)
@@ -92,6 +94,70 @@ class Upload:
             img.tmp.unlink(missing_ok=True)
 
 
+class SocketBody:
+    """A ``Content-Length`` body read straight off gunicorn's client socket.
+
+    gunicorn's own reader passes every received chunk through three ``BytesIO``
+    buffers and as many slices (~0.4 ms of CPU per MB of upload here, against ~0.2 ms
+    for the socket reads themselves). This takes what gunicorn has already read ahead,
+    then ``recv_into`` one buffer it reuses, and keeps gunicorn's count of the body's
+    remaining bytes in step, so keep-alive and the drain of an unread rest still work.
+    A chunk returned by :meth:`read` is a view, valid until the next call.
+    """
+
+    def __init__(self, stream: Any, reader: Any, ahead: bytes) -> None:
+        self.stream = stream
+        self.reader = reader
+        self.ahead = ahead
+        self.buf = bytearray()
+
+    @classmethod
+    def take(cls, stream: Any, sock: socket.socket | None) -> SocketBody | None:
+        """The direct reader of ``stream`` (gunicorn's ``wsgi.input``), or None when it
+        is anything else: a chunked body, another server, bytes already consumed."""
+        reader = getattr(stream, "reader", None)
+        unreader = getattr(reader, "unreader", None)
+        buffered = getattr(stream, "buf", None)
+        if (sock is None or not isinstance(reader, LengthReader)
+                or not isinstance(unreader, SocketUnreader) or unreader.sock is not sock
+                or buffered is None or buffered.tell()):
+            return None
+        ahead = unreader.take_buffered()
+        if len(ahead) > reader.length:  # the next request, pipelined: gunicorn's again
+            unreader.unread(ahead[reader.length:])
+            ahead = ahead[:reader.length]
+        reader.length -= len(ahead)
+        return cls(stream, reader, ahead)
+
+    def read(self, size: int, sock: socket.socket, deadline: float | None) -> memoryview:
+        """Up to ``size`` bytes (fewer only at the body's end or when the client closes);
+        with ``deadline``, each socket read waits at most until then."""
+        if self.ahead:
+            data, self.ahead = self.ahead[:size], self.ahead[size:]
+            return memoryview(data)
+        size = min(size, self.reader.length)
+        if len(self.buf) < size:
+            self.buf = bytearray(size)
+        view = memoryview(self.buf)[:size]
+        got = 0
+        try:
+            while got < size:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("the body's deadline passed")
+                    sock.settimeout(left)
+                n = sock.recv_into(view[got:], size - got)
+                if n == 0:
+                    break
+                got += n
+                self.reader.length -= n
+        except BaseException:
+            self.stream.failed = True  # where the next request starts is unknown now
+            raise
+        return view[:got]
+
+
 class BodyReader:
     """The raw body with a byte limit and a deadline, read through the client socket.
 
@@ -101,8 +167,9 @@ class BodyReader:
     """
 
     def __init__(self, raw: Any, *, limit: int, timeout_s: float,
-                 sock: socket.socket | None) -> None:
+                 sock: socket.socket | None, direct: SocketBody | None = None) -> None:
         self.raw = raw
+        self.direct = direct
         self.limit = limit
         self.count = 0
         self.timeout_s = timeout_s
@@ -116,15 +183,19 @@ class BodyReader:
             with contextlib.suppress(OSError):
                 self.sock.settimeout(self.sock_timeout)
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1) -> bytes | memoryview:
         size = CHUNK if size is None or size < 0 else size
         if self.sock is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise self._late()
             self.sock.settimeout(left)
+        want = min(size, self.limit + 1 - self.count)
         try:
-            data: bytes = self.raw.read(min(size, self.limit + 1 - self.count))
+            data: bytes | memoryview = (
+                self.direct.read(want, self.sock, self.deadline)
+                if self.direct is not None and self.sock is not None
+                else self.raw.read(want))
         except (TimeoutError, ClientTimeout):
             raise self._late() from None
         except OSError as exc:  # the client went away mid-body
@@ -168,14 +239,17 @@ def parse_upload(req: falcon.Request, settings: Settings, store: Store, *,
                       f"image/*) with ?ops= (got {media or 'no Content-Type'!r})",
                       field="Content-Type")
     limit = settings.max_upload_bytes if length is None else length
+    sock = req.env.get("gunicorn.socket")
     body = BodyReader(req.stream, limit=limit, timeout_s=settings.gateway_timeout_s,
-                      sock=req.env.get("gunicorn.socket"))
+                      sock=sock, direct=SocketBody.take(req.stream, sock) if raw else None)
     if raw:
         return _parse_raw(req, body, settings, store, digest=digest)
     boundary = _boundary(params)
     options = MultipartParseOptions()
     options.max_body_part_count = settings.max_images + settings.max_chains + 4
-    form = MultipartForm(BufferedReader(body.read, limit + 1, CHUNK), boundary, length, options)
+    # bytes(): the reader returns bytes here (views only come from a raw SocketBody)
+    form = MultipartForm(BufferedReader(lambda n: bytes(body.read(n)), limit + 1, CHUNK),
+                         boundary, length, options)
     upload = Upload()
     specs: list[str] = []
     with _cleanup(upload, body):
@@ -299,7 +373,7 @@ def _text(stream: Readable, name: str) -> str:
     if len(raw) > MAX_OPS_BYTES:
         raise BadForm(f"{name!r} is longer than {MAX_OPS_BYTES} bytes", field=name)
     try:
-        return raw.decode("utf-8").strip()
+        return bytes(raw).decode("utf-8").strip()
     except UnicodeDecodeError:
         raise BadForm(f"{name!r} is not UTF-8 text", field=name) from None
 
@@ -319,7 +393,8 @@ def _stage(stream: Readable, store: Store, settings: Settings, *, index: int,
                 size += len(chunk)
                 if len(head) < HEAD:
                     head += chunk[:HEAD - len(head)]
-                tail = chunk[-TAIL:] if len(chunk) >= TAIL else (tail + chunk)[-TAIL:]
+                # copied: a chunk may be a view its reader reuses for the next one
+                tail = bytes(chunk[-TAIL:]) if len(chunk) >= TAIL else (tail + chunk)[-TAIL:]
                 if sha is not None:
                     sha.update(chunk)
                 fh.write(chunk)

@@ -60,7 +60,14 @@ from imgpipe.core.protocol import (
 )
 from imgpipe.core.records import Fenced, NotFound, check_id
 from imgpipe.core.runtime import serve
-from imgpipe.core.sockets import TASK_BUFFER_BYTES, make_socket, release, start_authenticator
+from imgpipe.core.sockets import (
+    POLLIN,
+    POLLOUT,
+    TASK_BUFFER_BYTES,
+    make_socket,
+    release,
+    start_authenticator,
+)
 from imgpipe.core.store import Store
 from imgpipe.ventilator import tenure
 from imgpipe.ventilator.dispatcher import Action, Dispatcher, Fail
@@ -202,7 +209,7 @@ class Ventilator:
                 next_metric = now + self.settings.metrics_interval_s
             self.dispatch()
             for cls, s in self.tasks.items():
-                poller.register(s, zmq.POLLOUT if self.disp.has_work(cls) else 0)
+                poller.register(s, POLLOUT if self.disp.has_work(cls) else 0)
             wake = min(next_tick, next_metric, self.disp.next_rescan if self.tenure.active
                        else next_tick)
             wait = min(wake - time.time(), self.tenure.next_try - time.monotonic())
@@ -215,7 +222,7 @@ class Ventilator:
         for _ in range(limit or DRAIN):
             # Asked first: a zmq.Again raised at the end of every drain cost more than
             # the message it ended (the exception builds an errno enum each time).
-            if not int(s.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            if not int(s.getsockopt(zmq.EVENTS)) & POLLIN:
                 return
             try:
                 frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -314,7 +321,7 @@ class Ventilator:
             sent = False
             for cls in CLASSES:
                 s = self.tasks[cls]
-                if self.disp.has_work(cls) and int(s.getsockopt(zmq.EVENTS)) & zmq.POLLOUT:
+                if self.disp.has_work(cls) and int(s.getsockopt(zmq.EVENTS)) & POLLOUT:
                     sent = self.send_one(cls, s) or sent
             if not sent:
                 return

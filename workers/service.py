@@ -39,7 +39,7 @@ from imgpipe.core.config import Settings, add_settings_args, endpoints, settings
 from imgpipe.core.errors import ConfigError, ProtocolError
 from imgpipe.core.protocol import TOPIC_CLAIM, Claim, Result, Task, decode, encode, encode_topic
 from imgpipe.core.runtime import serve, usable_cpus
-from imgpipe.core.sockets import TASK_BUFFER_BYTES, make_socket
+from imgpipe.core.sockets import POLLIN, POLLOUT, TASK_BUFFER_BYTES, make_socket
 from imgpipe.workers.monitor import Monitor, Stats, worker_id
 from imgpipe.workers.pipeline import Options, process_task
 from imgpipe.workers.pool import FilterPool
@@ -230,14 +230,14 @@ class TaskLoop:
             if (self.free > 0) != reading:
                 reading = not reading
                 for sock in self.tasks:
-                    poller.modify(sock, zmq.POLLIN if reading else 0)
-            poller.modify(self.results, zmq.POLLOUT if self.outbox else 0)
+                    poller.modify(sock, POLLIN if reading else 0)
+            poller.modify(self.results, POLLOUT if self.outbox else 0)
             events = dict(poller.poll(POLL_MS))
-            if events.get(self.claims, 0) & zmq.POLLIN:
+            if events.get(self.claims, 0) & POLLIN:
                 self._read_subscriptions()
             self._collect()
             self._flush()
-            ready = [sock for sock in self.tasks if events.get(sock, 0) & zmq.POLLIN]
+            ready = [sock for sock in self.tasks if events.get(sock, 0) & POLLIN]
             if len(ready) > 1:  # both classes waiting: alternate which goes first
                 self._turn ^= 1
                 ready = ready[self._turn:] + ready[:self._turn]

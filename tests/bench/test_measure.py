@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from imgpipe.bench import measure
 from imgpipe.bench.measure import ResourceMonitor, RunResult, percentile, summarize, timed_run
 
 BURN = ("import time\n"
@@ -47,6 +48,15 @@ def test_monitor_counts_the_cpu_of_child_processes() -> None:
         subprocess.run([sys.executable, "-c", BURN], check=True, timeout=60)
     assert mon.cpu_s >= 0.3
     assert mon.peak_rss > 0
+
+
+def test_the_monitor_samples_often_at_first_then_seldom() -> None:
+    # Often while short-lived children may come and go; then seldom, since each sample
+    # of a whole stack costs CPU taken from the stack it measures.
+    assert ResourceMonitor.interval(0.0) == measure.SAMPLE_S
+    assert ResourceMonitor.interval(measure.SETTLE_S - 0.01) == measure.SAMPLE_S
+    assert ResourceMonitor.interval(measure.SETTLE_S) == measure.SLOW_SAMPLE_S
+    assert measure.SLOW_SAMPLE_S >= 4 * measure.SAMPLE_S
 
 
 def test_timed_run_prefers_the_modes_own_wall_time() -> None:

@@ -287,6 +287,42 @@ def test_a_done_event_wakes_a_waiter_before_its_recheck(settings: Settings,
         pipe.close()
 
 
+def test_the_watcher_decodes_only_the_events_of_awaited_jobs(
+        settings: Settings, zctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every gateway process hears every job's Done; it decodes those of jobs its own
+    # requests wait on (a real PUB/SUB; no recheck of the store to fall back on).
+    monkeypatch.setattr(pipeline_mod, "RECHECK_S", 3600.0)
+    waited, other = "0b7d2a1e-3c4f-4a5b-8c6d-7e8f9a0b1c2d", "9f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
+    pub = make_socket(zctx, zmq.XPUB, settings, bind=settings.event_endpoint)
+    pipe = Pipeline(settings)
+    handled: list[str] = []
+    handle = pipe.handle_done
+    monkeypatch.setattr(pipe, "handle_done", lambda msg: (handled.append(msg.job_id),
+                                                          handle(msg)))
+    try:
+        pipe.start()
+        assert recv(pub, 10)[0][:1] == b"\x01"  # the watcher subscribed
+        final = threading.Event()
+        woken: list[bool] = []
+        waiter = threading.Thread(target=lambda: woken.append(
+            pipe.wait_final(waited, 60.0, final.is_set)))
+        waiter.start()
+        wait_for(lambda: waited in pipe._waiters, 10, what="the waiter")
+        for job in (other, waited):
+            done = Done(task_id=task_id(job, 0), job_id=job, n=0, state="done",
+                        job_state="done")
+            if job == waited:
+                final.set()
+            pub.send_multipart(encode_topic(done))
+        waiter.join(30)
+        assert woken == [True]
+        assert handled == [waited]
+        assert pipe.awaited([b"done", b"{}", b"extra"])  # malformed: left to decode
+    finally:
+        pipe.close()
+        pub.close(linger=0)
+
+
 def test_backpressure_refuses_with_retry_after_and_records_nothing(
         settings: Settings, make_gateway: Any) -> None:
     gw = make_gateway(settings.with_overrides(queue_limit=4))

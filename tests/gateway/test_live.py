@@ -159,9 +159,11 @@ def test_a_batch_of_ten_4k_images_in_one_job(gw: Gateway) -> None:
     assert decode_image(gw.http.get(doc["outputs"][9]["url"]).content).size == (640, 360)
 
 
-def _stall(gw: Gateway, *, body_part: bool) -> socket.socket:
-    """A client that sends half a request (headers only, or half a body) and stops."""
-    body, ctype = im.multipart([im.jpeg(seed=9)])
+def _stall(gw: Gateway, *, body_part: bool, raw: bool = False) -> socket.socket:
+    """A client that sends half a request (headers only, or half a body) and stops;
+    ``raw``: the body is the image itself (read straight off the socket)."""
+    body, ctype = ((im.jpeg(320, 240, seed=9), "image/jpeg") if raw
+                   else im.multipart([im.jpeg(seed=9)]))
     sock = socket.create_connection(("127.0.0.1", gw.settings.gateway_port), timeout=60)
     head = (f"POST /api/process/ HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
@@ -183,7 +185,7 @@ def _answer_or_close(sock: socket.socket) -> bytes:
 def test_stalled_clients_cannot_hold_the_gateway(gw: Gateway) -> None:
     # More stalled uploads than the gateway has threads (2 workers x 4 threads), plus
     # clients stalled inside their headers.
-    stalled = [_stall(gw, body_part=True) for _ in range(10)]
+    stalled = [_stall(gw, body_part=True, raw=i % 2 == 1) for i in range(10)]
     stalled += [_stall(gw, body_part=False) for _ in range(3)]
     try:
         # Other requests are still answered (once the stalled ones are cut at the latest).
@@ -418,3 +420,42 @@ def test_pipelined_requests_are_all_answered(gw: Gateway) -> None:
         assert b'"filters"' in answer
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("size", [(64, 48), (3840, 2160)], ids=["small", "4k"])
+def test_a_request_pipelined_behind_a_raw_upload_is_answered(gw: Gateway,
+                                                               size: tuple[int, int]) -> None:
+    # The raw body is read straight off the socket: exactly its Content-Length, so the
+    # request behind it (in the same packet for a small image) is still gunicorn's.
+    image = im.jpeg(*size, seed=11)
+    sock = socket.create_connection(("127.0.0.1", gw.settings.gateway_port), timeout=60)
+    try:
+        upload = (f"POST /api/process/?wait=60&ops=invert HTTP/1.1\r\nHost: x\r\n"
+                  f"Content-Type: image/jpeg\r\nContent-Length: {len(image)}\r\n\r\n"
+                  ).encode() + image
+        last = b"GET /api/filters HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        sock.sendall(upload + last)
+        answer = _answer_or_close(sock)
+        assert answer.count(b"HTTP/1.1 200") == 2, answer[:600]
+        doc = json.loads(answer.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1 ", 1)[0])
+        assert doc["state"] == "done", doc
+        assert doc["outputs"][0]["width"] == size[0]
+        assert answer.rstrip().endswith(b"}") and b'"filters"' in answer
+    finally:
+        sock.close()
+
+
+def test_raw_uploads_on_one_kept_alive_connection(gw: Gateway) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", gw.settings.gateway_port, timeout=60)
+    try:
+        for seed, (w, h) in enumerate([(3840, 2160), (64, 48), (1280, 720)]):
+            image = im.jpeg(w, h, seed=seed)
+            conn.request("POST", "/api/process/?wait=60&ops=resize:w=32", body=image,
+                         headers={"Content-Type": "image/jpeg", "Accept": "image/png"})
+            res = conn.getresponse()
+            data = res.read()
+            assert res.status == 200, data[:300]
+            assert decode_image(data).size == (32, round(32 * h / w)), (w, h)
+            assert res.getheader("connection", "").lower() != "close"
+    finally:
+        conn.close()
