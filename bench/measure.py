@@ -275,7 +275,8 @@ def _by_component(runs: list[RunResult]) -> dict[str, float] | None:
 
 def timed_run(fn: Any, images: int, *, monitor: bool = True,
               roots: list[int] | None = None) -> RunResult:
-    """Call ``fn()`` -> (latencies_ms, out_sizes, errors, wall_s or None) under the clock.
+    """Call ``fn()`` -> (latencies_ms, out_sizes, errors, wall_s or None) under the clock;
+    ``out_sizes`` may be a function, called once the clock has stopped.
 
     A mode that times itself more precisely than the caller can (the limit's children
     start on a signal and report their own clocks) returns its wall time; else None.
@@ -290,6 +291,8 @@ def timed_run(fn: Any, images: int, *, monitor: bool = True,
         wall = time.perf_counter() - t0
         if monitor:
             mon.__exit__(None, None, None)
+    if callable(sizes):  # checked after the clock: not the mode's work
+        sizes = sizes()
     return RunResult(images=images, wall_s=own_wall or wall, outer_wall_s=wall, latencies_ms=latencies,
                      cpu_s=mon.cpu_s if monitor else None,
                      cpu_by_component=mon.cpu_by_component() if monitor else {},

@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
@@ -30,7 +31,11 @@ from imgpipe.bench import procs, work
 from imgpipe.bench.stack import LocalStack
 from imgpipe.core.config import client_headers
 
-Outcome = tuple[list[float], list[tuple[int, int] | None], list[str], float | None]
+Sizes = list[tuple[int, int] | None]
+# (latencies ms, output sizes, errors, the mode's own wall time or None). The sizes may
+# come as a function, called once the clock has stopped: reading every output's header
+# to check it is the bench's work, not the mode's.
+Outcome = tuple[list[float], Sizes | Callable[[], Sizes], list[str], float | None]
 SPAWN = mp.get_context("spawn")
 
 
@@ -66,7 +71,7 @@ class Naive(Mode):
 
     def run(self) -> Outcome:
         results = [work.timed(work.naive, data, self.plan) for data in self.images]
-        return [ms for _, ms in results], [work.out_size(o) for o, _ in results], [], None
+        return [ms for _, ms in results], lambda: [work.out_size(o) for o, _ in results], [], None
 
 
 class Sequential(Mode):
@@ -77,7 +82,7 @@ class Sequential(Mode):
 
     def run(self) -> Outcome:
         results = [work.timed(work.imgpipe_one, data, self.spec) for data in self.images]
-        return [ms for _, ms in results], [work.out_size(o) for o, _ in results], [], None
+        return [ms for _, ms in results], lambda: [work.out_size(o) for o, _ in results], [], None
 
 
 class Pooled(Mode):
@@ -116,7 +121,7 @@ class Pooled(Mode):
         futures = [self.pool.submit(work.timed, work.imgpipe_one, data, self.spec)
                    for data in self.images]
         results = [f.result() for f in futures]
-        return [ms for _, ms in results], [work.out_size(o) for o, _ in results], [], None
+        return [ms for _, ms in results], lambda: [work.out_size(o) for o, _ in results], [], None
 
     def close(self) -> None:
         if self.pool is not None:
@@ -269,8 +274,9 @@ class Pipeline(Mode):
     def run(self) -> Outcome:
         results = list(self.pool.map(self._one, self.images))
         errors = [e for _, _, e in results if e]
-        sizes = [work.out_size(o) if o is not None else None for o, _, _ in results]
-        return [ms for _, ms, _ in results], sizes, errors, None
+        return ([ms for _, ms, _ in results],
+                lambda: [work.out_size(o) if o is not None else None for o, _, _ in results],
+                errors, None)
 
     def probe(self, image: bytes, count: int) -> list[float]:
         """``count`` one-at-a-time requests for one image: the end-to-end latency, ms."""

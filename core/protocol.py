@@ -28,7 +28,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -290,13 +290,13 @@ def decode(frames: Sequence[Any], expect: type[Message] | None = None) -> Messag
     if len(frames) != want:
         raise ProtocolError(f"{cls.kind}: expected {want} frame(s), got {len(frames)}")
     values: dict[str, Any] = {}
-    for name, base, args, required in _schema(cls):
+    for name, base, args, required, check in _schema(cls):
         if name not in header:
             if required:
                 raise ProtocolError(f"{cls.kind}: missing field {name!r}")
             continue
         value = header[name]
-        if not _is(value, base, args):
+        if not check(value):
             raise ProtocolError(f"{cls.kind}: field {name!r} must be {_describe(base, args)}")
         values[name] = float(value) if base is float else value
     msg = cls(**values)
@@ -315,50 +315,60 @@ def decode_topic(frames: Sequence[Any]) -> Message:
     return msg
 
 
-Field = tuple[str, Any, tuple[Any, ...], bool]  # name, base type, type arguments, required
+Check = Callable[[Any], bool]
+# name, base type, type arguments, required, and the field's check (see _checker)
+Field = tuple[str, Any, tuple[Any, ...], bool, Check]
 _SCHEMAS: dict[type[Message], tuple[Field, ...]] = {}
 
 
 def _schema(cls: type[Message]) -> tuple[Field, ...]:
-    """(name, base type, type arguments, required) of each header field, in field order;
-    once per class.
+    """(name, base type, type arguments, required, check) of each header field, in field
+    order; once per class.
 
     ``typing.get_type_hints`` parses the string annotations again on every call, which
-    cost more than the rest of ``decode`` together: it runs once per class here.
+    cost more than the rest of ``decode`` together: it runs once per class here, and so
+    does taking each type apart into its check.
     """
     schema = _SCHEMAS.get(cls)
     if schema is None:
         hints = typing.get_type_hints(cls)
-        schema = _SCHEMAS[cls] = tuple(
-            (f.name, typing.get_origin(hints[f.name]) or hints[f.name],
-             typing.get_args(hints[f.name]),
-             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-            for f in dataclasses.fields(cls) if not f.metadata.get("wire"))
+        fields = []
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("wire"):
+                continue
+            base = typing.get_origin(hints[f.name]) or hints[f.name]
+            args = typing.get_args(hints[f.name])
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            fields.append((f.name, base, args, required, _checker(base, args)))
+        schema = _SCHEMAS[cls] = tuple(fields)
     return schema
 
 
-def _is(value: Any, base: Any, args: tuple[Any, ...]) -> bool:
+def _checker(base: Any, args: tuple[Any, ...]) -> Check:
     """Whether a JSON value fits a field's type: ``int``, ``float`` (ints too), ``str``,
     ``bool``, ``list[T]``, ``dict[str, T]``, ``Literal[...]`` (one of its values, of the
-    same type), ``T | None`` or ``Any``; a bool is never a number."""
+    same type), ``T | None`` or ``Any``; a bool is never a number. The type is taken
+    apart here, once: the check only tests values."""
     if base is Literal:
-        return any(type(value) is type(a) and value == a for a in args)
+        values = tuple((type(a), a) for a in args)
+        return lambda v: any(type(v) is t and v == a for t, a in values)
     if base in _UNIONS:
-        return any(_is(value, typing.get_origin(a) or a, typing.get_args(a)) for a in args)
+        parts = tuple(_checker(typing.get_origin(a) or a, typing.get_args(a)) for a in args)
+        return lambda v: any(part(v) for part in parts)
     allowed = _BASE.get(base)
     if allowed is None:
-        return True  # Any: whatever JSON holds (depth and size are bounded in _header)
-    if not isinstance(value, allowed) or (base is not bool and isinstance(value, bool)):
-        return False
-    if isinstance(value, list) and args:
-        return all(_is(v, typing.get_origin(args[0]) or args[0], typing.get_args(args[0]))
-                   for v in value)
-    if isinstance(value, dict) and args:
+        return lambda v: True  # Any: whatever JSON holds (depth and size are bounded in _header)
+    if base is bool:
+        return lambda v: isinstance(v, bool)
+    if base is list and args:
+        item = _checker(typing.get_origin(args[0]) or args[0], typing.get_args(args[0]))
+        return lambda v: isinstance(v, list) and all(item(x) for x in v)
+    if base is dict and args:
         key, val = args
-        return all(isinstance(k, key) and _is(v, typing.get_origin(val) or val,
-                                              typing.get_args(val))
-                   for k, v in value.items())
-    return True
+        value = _checker(typing.get_origin(val) or val, typing.get_args(val))
+        return lambda v: isinstance(v, dict) and all(isinstance(k, key) and value(x)
+                                                     for k, x in v.items())
+    return lambda v: isinstance(v, allowed) and not isinstance(v, bool)
 
 
 def _describe(base: Any, args: tuple[Any, ...]) -> str:

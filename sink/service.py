@@ -39,7 +39,13 @@ from imgpipe.core.config import Settings, add_settings_args, settings_from_args
 from imgpipe.core.errors import ProtocolError
 from imgpipe.core.protocol import Metric, Result, decode, encode_topic
 from imgpipe.core.runtime import serve
-from imgpipe.core.sockets import bound_endpoint, make_socket, release, start_authenticator
+from imgpipe.core.sockets import (
+    POLLIN,
+    bound_endpoint,
+    make_socket,
+    release,
+    start_authenticator,
+)
 from imgpipe.core.store import Store
 from imgpipe.sink.results import ResultHandler
 
@@ -117,6 +123,9 @@ def run(settings: Settings, ctx: zmq.Context[Any], *, stop: threading.Event | No
             if not results.poll(POLL_MS, zmq.POLLIN):
                 continue
             for _ in range(RESULT_HWM * 4):
+                # Asked first: a zmq.Again ending every batch cost more than a message.
+                if not int(results.getsockopt(zmq.EVENTS)) & POLLIN:
+                    break
                 try:
                     frames = results.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:

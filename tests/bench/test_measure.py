@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import sys
 
 import pytest
@@ -66,3 +67,16 @@ def test_timed_run_prefers_the_modes_own_wall_time() -> None:
     r = timed_run(lambda: ([1.0], [(1, 1)], [], None), 1)
     assert r.wall_s > 0
     assert r.cpu_s is not None
+
+
+def test_sizes_given_as_a_function_are_read_once_the_clock_has_stopped() -> None:
+    called: list[float] = []
+
+    def sizes() -> list[tuple[int, int] | None]:
+        called.append(time.perf_counter())
+        return [(2, 1)]
+
+    t0 = time.perf_counter()
+    r = timed_run(lambda: ([1.0], sizes, [], None), 1)
+    assert r.out_sizes == [(2, 1)]
+    assert len(called) == 1 and called[0] >= t0 + r.outer_wall_s
