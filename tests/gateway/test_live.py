@@ -103,6 +103,23 @@ def test_the_demo_with_curl_then_the_three_outputs(gw: Gateway, tmp_path: Path) 
     assert (doc["outputs"][1]["width"], doc["outputs"][1]["height"]) == (640, 480)
 
 
+def test_a_raw_upload_with_curl_expecting_100_continue(gw: Gateway, tmp_path: Path) -> None:
+    # curl sends a body over 1 MB only once told to (Expect: 100-continue): the 100 must
+    # come before the body is read off the socket, or curl waits out its own timeout.
+    src = tmp_path / "big.jpg"
+    src.write_bytes(im.jpeg(3840, 2160, seed=5))
+    assert src.stat().st_size > 1 << 20
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("no curl binary")
+    out = subprocess.run(
+        [curl, "-sS", "-f", "--max-time", "40", "--expect100-timeout", "120",
+         "-H", "Content-Type: image/jpeg", "-H", "Accept: image/jpeg",
+         "--data-binary", f"@{src}", f"{gw.url}/api/process/?wait=30&ops=resize:w=640"],
+        capture_output=True, timeout=60, check=True)
+    assert decode_image(out.stdout).size == (640, 360)
+
+
 def test_wait_answers_200_and_accept_image_returns_the_image(gw: Gateway) -> None:
     body, ctype = im.multipart([im.jpeg(320, 240, seed=2)], ["resize:w=100"])
     res = gw.http.post("/api/process/", params={"wait": "60"}, content=body,
