@@ -53,6 +53,19 @@ def destination(src: Image, shape: tuple[int, ...] | None = None) -> Image | Non
     return dst
 
 
+def copy_pixels(dst: Image, src: Image) -> None:
+    """``dst[...] = src`` for two arrays of one shape: through OpenCV's copy where it
+    writes into ``dst`` itself (a 1920×1080 RGB frame into shared memory: 0.76 ms of CPU
+    here against numpy's 1.15), numpy's otherwise."""
+    if (dst.shape == src.shape and dst.dtype == src.dtype == np.uint8 and src.ndim == 3
+            and src.shape[2] in CHANNELS and dst.flags.c_contiguous
+            and src.flags.c_contiguous and not np.may_share_memory(dst, src)):
+        out = cv2.copyTo(src, None, dst)  # type: ignore[call-overload]  # mask may be None
+        if out.ctypes.data == dst.ctypes.data:
+            return
+    np.copyto(dst, src)
+
+
 def as_image(arr: Any) -> Image:
     """An OpenCV or numpy result as an image: 3-D, uint8, C-contiguous."""
     out = np.asarray(arr)

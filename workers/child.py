@@ -34,6 +34,7 @@ import numpy as np
 from imgpipe.core.protocol import GravityNote
 from imgpipe.core.runtime import tune_malloc
 from imgpipe.filters import apply_chain, parse_chain
+from imgpipe.filters.pixels import copy_pixels
 from imgpipe.workers.shm import SHM_DIR, attach
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def run_job(req: dict[str, Any], maps: Mappings, conn: Connection) -> dict[str, 
             return {"ok": False, "error": "no shared memory for the result"}
         target = maps.get(answer["seg"])
     dst = np.ndarray(out.shape, dtype=out.dtype, buffer=target)
-    np.copyto(dst, out)
+    copy_pixels(dst, out)
     del dst
     return _done(out, used, start)
 

@@ -46,6 +46,7 @@ from imgpipe.filters import (
     parse_chain,
 )
 from imgpipe.filters.chain import filters_ms, measured
+from imgpipe.filters.pixels import copy_pixels
 from imgpipe.workers.child import gravity_note
 from imgpipe.workers.pool import DeadlineExceeded, FilterFailed, FilterPool, PoolError, ProcessDied
 from imgpipe.workers.shm import Buffer, BufferSet, ShmFull
@@ -185,7 +186,7 @@ def copy_into(img: np.ndarray, out_size: tuple[int, int], buf: Buffer
     need = max(img.nbytes, out_w * out_h * channels * img.itemsize)
     view = np.ndarray(img.shape, dtype=img.dtype, buffer=buf.ensure(need))
     try:
-        np.copyto(view, img)
+        copy_pixels(view, img)
     finally:
         del view
     return tuple(img.shape), img.dtype.str

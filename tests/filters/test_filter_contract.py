@@ -135,3 +135,34 @@ def test_apply_chain_refuses_a_non_image() -> None:
         apply_chain(np.zeros((4, 4, 3), np.float32), chain)
     with pytest.raises(ValueError):
         apply_chain(np.zeros((4, 4, 2), np.uint8), chain)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_copy_pixels_writes_every_pixel_into_the_given_array(
+        channels: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgpipe.filters import pixels
+    from imgpipe.filters.pixels import copy_pixels
+
+    def numpy_copy(*_: object) -> None:
+        raise AssertionError("OpenCV's copy should have written in place")
+
+    monkeypatch.setattr(pixels.np, "copyto", numpy_copy)
+    src = np.random.default_rng(channels).integers(0, 256, (37, 53, channels), np.uint8)
+    backing = np.zeros(src.nbytes + 64, np.uint8)  # a segment larger than the frame
+    dst = np.ndarray(src.shape, np.uint8, buffer=backing)
+    copy_pixels(dst, src)
+    assert np.array_equal(dst, src)
+    assert not backing[src.nbytes:].any()  # nothing written past the frame
+
+
+def test_copy_pixels_falls_back_where_opencv_would_not_write_in_place() -> None:
+    from imgpipe.filters.pixels import copy_pixels
+
+    src = np.random.default_rng(5).integers(0, 256, (20, 30, 3), np.uint8)
+    strided = np.zeros((20, 60, 3), np.uint8)[:, ::2]  # not contiguous
+    copy_pixels(strided, src)
+    assert np.array_equal(strided, src)
+    overlapping = np.zeros((21, 30, 3), np.uint8)
+    overlapping[1:] = src
+    copy_pixels(overlapping[:20], overlapping[1:])  # numpy's copy handles the overlap
+    assert np.array_equal(overlapping[:20], src)
