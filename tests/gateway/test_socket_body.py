@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import pytest
 from gunicorn.http.body import Body, ChunkedReader, LengthReader
 from gunicorn.http.unreader import SocketUnreader
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imgpipe.gateway.upload import SocketBody
 
@@ -110,3 +112,30 @@ def test_anything_but_a_sized_body_on_its_own_socket_keeps_gunicorns_reader(
     sized.buf.write(b"already")  # the application read part of it through gunicorn
     assert SocketBody.take(sized, b) is None
     assert SocketBody.take(object(), b) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(body_len=st.integers(0, 200_000), head_read=st.integers(0, 250_000),
+       chunk=st.integers(1, 70_000), tail=st.binary(max_size=300))
+def test_any_split_of_read_ahead_body_and_what_follows(body_len: int, head_read: int,
+                                                       chunk: int, tail: bytes) -> None:
+    # However much gunicorn read ahead (none, part of the body, past its end) and
+    # whatever size is asked each time: the body's bytes, in order, then nothing; what
+    # followed it stays for gunicorn, in order.
+    data = bytes(range(256)) * (body_len // 256) + bytes(body_len % 256)
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    try:
+        sender = send(a, data + tail)
+        body, unreader = body_of(b, len(data), min(head_read, len(data) + len(tail)))
+        direct = SocketBody.take(body, b)
+        assert direct is not None
+        assert read_all(direct, b, chunk) == data
+        assert body.reader.length == 0
+        if tail:
+            assert unreader.read(len(tail)) == tail
+        sender.join(10)
+    finally:
+        a.close()
+        b.close()
