@@ -167,9 +167,11 @@ class BodyReader:
     """
 
     def __init__(self, raw: Any, *, limit: int, timeout_s: float,
-                 sock: socket.socket | None, direct: SocketBody | None = None) -> None:
+                 sock: socket.socket | None, direct: SocketBody | None = None,
+                 length: int | None = None) -> None:
         self.raw = raw
         self.direct = direct
+        self.length = length  # the declared Content-Length (None: chunked)
         self.limit = limit
         self.count = 0
         self.timeout_s = timeout_s
@@ -200,6 +202,11 @@ class BodyReader:
             raise self._late() from None
         except OSError as exc:  # the client went away mid-body
             raise BadForm(f"the request body was cut short ({exc})", field="body") from None
+        if not data and size and self.length is not None and self.count < self.length:
+            # The client closed before its declared length: an incomplete message, not
+            # a shorter upload (the image may even look whole: refused all the same).
+            raise BadForm(f"the request body was cut short: {self.count} of the "
+                          f"{self.length} bytes declared arrived", field="body")
         self.count += len(data)
         if self.count > self.limit:
             raise PayloadTooLarge(f"the body is over the upload limit of {self.limit} bytes",
@@ -241,7 +248,8 @@ def parse_upload(req: falcon.Request, settings: Settings, store: Store, *,
     limit = settings.max_upload_bytes if length is None else length
     sock = req.env.get("gunicorn.socket")
     body = BodyReader(req.stream, limit=limit, timeout_s=settings.gateway_timeout_s,
-                      sock=sock, direct=SocketBody.take(req.stream, sock) if raw else None)
+                      sock=sock, direct=SocketBody.take(req.stream, sock) if raw else None,
+                      length=length)
     if raw:
         return _parse_raw(req, body, settings, store, digest=digest)
     boundary = _boundary(params)

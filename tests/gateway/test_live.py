@@ -27,6 +27,7 @@ from openapi_spec_validator import validate
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from imgpipe.core.store import Store
 from tests.gateway import images as im
 from tests.gateway.live import Gateway, Stack
 from tests.gateway.test_validation import CASES, Case
@@ -460,6 +461,33 @@ def test_a_request_pipelined_behind_a_raw_upload_is_answered(gw: Gateway,
         assert answer.rstrip().endswith(b"}") and b'"filters"' in answer
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "multipart"])
+def test_a_body_shorter_than_its_content_length_is_refused(gw: Gateway, raw: bool) -> None:
+    # The client closes early. The image it sent is whole (its end marker is there), but
+    # the message is not: 400, nothing recorded, and the service answers the next one.
+    body, ctype = ((im.jpeg(320, 240, seed=3), "image/jpeg") if raw
+                   else im.multipart([im.jpeg(320, 240, seed=3)], ["invert"]))
+    store = Store.from_settings(gw.settings)
+    try:
+        jobs = store.totals().jobs
+        sock = socket.create_connection(("127.0.0.1", gw.settings.gateway_port), timeout=60)
+        try:
+            sock.sendall((f"POST /api/process/?ops=invert HTTP/1.1\r\nHost: x\r\n"
+                          f"Content-Type: {ctype}\r\nContent-Length: {len(body) + 1000}"
+                          f"\r\n\r\n").encode() + body)
+            sock.shutdown(socket.SHUT_WR)
+            answer = _answer_or_close(sock)
+        finally:
+            sock.close()
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+        if raw:
+            assert b"cut short" in answer and b'"field": "body"' in answer
+        assert store.totals().jobs == jobs
+    finally:
+        store.close()
+    assert gw.http.get("/healthz").status_code == 200
 
 
 def test_raw_uploads_on_one_kept_alive_connection(gw: Gateway) -> None:
