@@ -39,6 +39,11 @@ Outcome = tuple[list[float], Sizes | Callable[[], Sizes], list[str], float | Non
 SPAWN = mp.get_context("spawn")
 
 
+def later_sizes(outputs: list[bytes | None]) -> Callable[[], Sizes]:
+    """The outputs' sizes, read from their headers when called (after the clock)."""
+    return lambda: [work.out_size(o) if o is not None else None for o in outputs]
+
+
 class Mode:
     name = "mode"
     kind = "local"
@@ -71,7 +76,7 @@ class Naive(Mode):
 
     def run(self) -> Outcome:
         results = [work.timed(work.naive, data, self.plan) for data in self.images]
-        return [ms for _, ms in results], lambda: [work.out_size(o) for o, _ in results], [], None
+        return [ms for _, ms in results], later_sizes([o for o, _ in results]), [], None
 
 
 class Sequential(Mode):
@@ -82,7 +87,7 @@ class Sequential(Mode):
 
     def run(self) -> Outcome:
         results = [work.timed(work.imgpipe_one, data, self.spec) for data in self.images]
-        return [ms for _, ms in results], lambda: [work.out_size(o) for o, _ in results], [], None
+        return [ms for _, ms in results], later_sizes([o for o, _ in results]), [], None
 
 
 class Pooled(Mode):
@@ -121,7 +126,7 @@ class Pooled(Mode):
         futures = [self.pool.submit(work.timed, work.imgpipe_one, data, self.spec)
                    for data in self.images]
         results = [f.result() for f in futures]
-        return [ms for _, ms in results], lambda: [work.out_size(o) for o, _ in results], [], None
+        return [ms for _, ms in results], later_sizes([o for o, _ in results]), [], None
 
     def close(self) -> None:
         if self.pool is not None:
@@ -274,8 +279,7 @@ class Pipeline(Mode):
     def run(self) -> Outcome:
         results = list(self.pool.map(self._one, self.images))
         errors = [e for _, _, e in results if e]
-        return ([ms for _, ms, _ in results],
-                lambda: [work.out_size(o) if o is not None else None for o, _, _ in results],
+        return ([ms for _, ms, _ in results], later_sizes([o for o, _, _ in results]),
                 errors, None)
 
     def probe(self, image: bytes, count: int) -> list[float]:

@@ -190,20 +190,11 @@ def apply_chain(img: Image, chain: Chain, *, max_pixels: int = DEFAULT_MAX_PIXEL
         for i, step in enumerate(chain.steps):
             height, width = img.shape[:2]
             _next_size(step, width, height, max_pixels)
-            with writing_into(_beside(into, img) if i == last and into else None):
+            with writing_into(into if i == last else None, keep=img):
                 img = step.spec.fn(img, step.params)
     if gravities is not None:
         gravities.extend(used)
     return img
-
-
-def _beside(into: Target, src: Image) -> Target:
-    """``into``, minus any array that overlaps ``src``: a step's helpers may read their
-    step's input after one of them has written its result."""
-    def target(shape: tuple[int, ...]) -> Image | None:
-        dst = into(shape)
-        return None if dst is None or np.may_share_memory(dst, src) else dst
-    return target
 
 
 def parse_chain(spec: str, *, max_filters: int = MAX_FILTERS) -> Chain:

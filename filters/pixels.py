@@ -22,15 +22,19 @@ CHANNELS = (1, 3, 4)
 
 Target: TypeAlias = Callable[[tuple[int, ...]], "Image | None"]
 """Offers an array of a given shape for a step's result (None: no room for it)."""
-_target: ContextVar[Target | None] = ContextVar("imgpipe_target", default=None)
+# What a step may write into, and the array the offer must never overlap.
+_target: ContextVar[tuple[Target, Image | None] | None] = ContextVar("imgpipe_target",
+                                                                    default=None)
 
 
 @contextlib.contextmanager
-def writing_into(target: Target | None) -> Iterator[None]:
+def writing_into(target: Target | None, *, keep: Image | None = None) -> Iterator[None]:
     """While inside, a step may put its result in the array ``target(shape)`` offers
     (see :func:`destination`): the filter process gives the chain's last step the shared
-    memory the worker encodes from, so the result is not copied there after."""
-    token = _target.set(target)
+    memory the worker encodes from, so the result is not copied there after. ``keep``
+    (the step's input) is never written over: a step's helpers may read it after one of
+    them has written its result."""
+    token = _target.set(None if target is None else (target, keep))
     try:
         yield
     finally:
@@ -39,15 +43,16 @@ def writing_into(target: Target | None) -> Iterator[None]:
 
 def destination(src: Image, shape: tuple[int, ...] | None = None) -> Image | None:
     """The array a step may write its ``shape``-d result into (``src``'s shape by
-    default), or None: none offered, no room, or it overlaps ``src``. OpenCV writes into
-    a ``dst`` of the right shape and type and returns it; a step that is given None
-    allocates its result as usual. The offer is taken once: a second helper of the same
+    default), or None: none offered, no room, or it overlaps ``src`` or the step's input.
+    OpenCV writes into a ``dst`` of the right shape and type and returns it; a step that
+    is given None allocates its result as usual. The offer is taken once: a second helper of the same
     step (sharpen's blur, then its sum) allocates, so no two results share the array."""
-    target = _target.get()
-    if target is None:
+    offer = _target.get()
+    if offer is None:
         return None
+    target, keep = offer
     dst = target(tuple(shape or src.shape))
-    if dst is None or np.may_share_memory(dst, src):
+    if dst is None or any(a is not None and np.may_share_memory(dst, a) for a in (src, keep)):
         return None
     _target.set(None)
     return dst

@@ -113,9 +113,7 @@ class DeadlineSocket(socket.socket):
         try:
             return super().recv(bufsize, flags)
         except TimeoutError:
-            self.timed_out = True
-            log.info("client %s sent nothing for %g s: closing", _peer(self), self.gettimeout())
-            raise ClientTimeout(errno.ECONNRESET, "client timed out") from None
+            raise self._silent() from None
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """As :meth:`recv`, into ``buffer``: the buffered head first, then the socket."""
@@ -129,9 +127,13 @@ class DeadlineSocket(socket.socket):
         try:
             return super().recv_into(view, want, flags)
         except TimeoutError:
-            self.timed_out = True
-            log.info("client %s sent nothing for %g s: closing", _peer(self), self.gettimeout())
-            raise ClientTimeout(errno.ECONNRESET, "client timed out") from None
+            raise self._silent() from None
+
+    def _silent(self) -> ClientTimeout:
+        """The error for a client that sent nothing within the socket's timeout."""
+        self.timed_out = True
+        log.info("client %s sent nothing for %g s: closing", _peer(self), self.gettimeout())
+        return ClientTimeout(errno.ECONNRESET, "client timed out")
 
     def shutdown(self, how: int) -> None:
         # gunicorn's graceful close lingers up to 2 s reading from the peer, on the

@@ -105,9 +105,10 @@ class SocketBody:
     A chunk returned by :meth:`read` is a view, valid until the next call.
     """
 
-    def __init__(self, stream: Any, reader: Any, ahead: bytes) -> None:
+    def __init__(self, stream: Any, reader: Any, sock: socket.socket, ahead: bytes) -> None:
         self.stream = stream
         self.reader = reader
+        self.sock = sock
         self.ahead = ahead
         self.buf = bytearray()
 
@@ -127,9 +128,9 @@ class SocketBody:
             unreader.unread(ahead[reader.length:])
             ahead = ahead[:reader.length]
         reader.length -= len(ahead)
-        return cls(stream, reader, ahead)
+        return cls(stream, reader, sock, ahead)
 
-    def read(self, size: int, sock: socket.socket, deadline: float | None) -> memoryview:
+    def read(self, size: int, deadline: float | None) -> memoryview:
         """Up to ``size`` bytes (fewer only at the body's end or when the client closes);
         with ``deadline``, each socket read waits at most until then."""
         if self.ahead:
@@ -146,8 +147,8 @@ class SocketBody:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise TimeoutError("the body's deadline passed")
-                    sock.settimeout(left)
-                n = sock.recv_into(view[got:], size - got)
+                    self.sock.settimeout(left)
+                n = self.sock.recv_into(view[got:], size - got)
                 if n == 0:
                     break
                 got += n
@@ -191,13 +192,12 @@ class BodyReader:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise self._late()
-            self.sock.settimeout(left)
+            if self.direct is None:  # a SocketBody sets it before each of its reads
+                self.sock.settimeout(left)
         want = min(size, self.limit + 1 - self.count)
         try:
-            data: bytes | memoryview = (
-                self.direct.read(want, self.sock, self.deadline)
-                if self.direct is not None and self.sock is not None
-                else self.raw.read(want))
+            data: bytes | memoryview = (self.raw.read(want) if self.direct is None
+                                        else self.direct.read(want, self.deadline))
         except (TimeoutError, ClientTimeout):
             raise self._late() from None
         except OSError as exc:  # the client went away mid-body

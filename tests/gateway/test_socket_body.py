@@ -43,9 +43,9 @@ def body_of(sock: socket.socket, length: int, head_read: int) -> tuple[Body, Soc
     return Body(LengthReader(unreader, length)), unreader
 
 
-def read_all(direct: SocketBody, sock: socket.socket, chunk: int) -> bytes:
+def read_all(direct: SocketBody, chunk: int) -> bytes:
     out = b""
-    while part := direct.read(chunk, sock, time.monotonic() + 10):
+    while part := direct.read(chunk, time.monotonic() + 10):
         out += bytes(part)
     return out
 
@@ -60,7 +60,7 @@ def test_the_body_and_nothing_past_it(pair: tuple[socket.socket, socket.socket],
     body, unreader = body_of(b, len(data), head_read)
     direct = SocketBody.take(body, b)
     assert direct is not None
-    assert read_all(direct, b, 16_384) == data
+    assert read_all(direct, 16_384) == data
     assert body.reader.length == 0  # gunicorn's count: nothing left to drain
     assert body.read(100) == b""
     # What followed the body is the next request's, in order, whoever read it first.
@@ -76,11 +76,11 @@ def test_views_are_reused_and_the_counts_kept_in_step(
     body, _ = body_of(b, len(data), 0)
     direct = SocketBody.take(body, b)
     assert direct is not None
-    first = direct.read(100_000, b, None)
+    first = direct.read(100_000, None)
     assert bytes(first) == data[:100_000]
     assert body.reader.length == len(data) - 100_000
     kept = bytes(first)
-    second = direct.read(100_000, b, None)
+    second = direct.read(100_000, None)
     assert second.obj is first.obj  # one buffer for the whole body
     assert bytes(second) == data[100_000:200_000] and kept == data[:100_000]
     # The rest is left to gunicorn's own reader, which still knows how much it is.
@@ -96,7 +96,7 @@ def test_a_stalled_body_times_out_and_the_connection_is_not_reused(
     direct = SocketBody.take(body, b)
     assert direct is not None
     with pytest.raises(TimeoutError):
-        direct.read(5000, b, time.monotonic() + 0.2)
+        direct.read(5000, time.monotonic() + 0.2)
     assert body.failed
 
 
@@ -131,7 +131,7 @@ def test_any_split_of_read_ahead_body_and_what_follows(body_len: int, head_read:
         body, unreader = body_of(b, len(data), min(head_read, len(data) + len(tail)))
         direct = SocketBody.take(body, b)
         assert direct is not None
-        assert read_all(direct, b, chunk) == data
+        assert read_all(direct, chunk) == data
         assert body.reader.length == 0
         if tail:
             assert unreader.read(len(tail)) == tail
