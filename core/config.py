@@ -130,8 +130,9 @@ class Settings:
         "a light chain whose filters are estimated under this many ms runs on the thread "
         "that decoded it, not in the filter pool (the hop costs about that); 0: never", 4.0)
     idle_filter_threads: int = _doc(
-        "OpenCV threads a filter process runs a task on while nothing else on the host is "
-        "running (a lone image gets every core); 0: the CPUs the worker may use, 1: never",
+        "threads a task's filters (OpenCV, in its filter process) and its JPEG encode (in "
+        "bands) use while nothing else on the host is running (a lone image gets every "
+        "core); 0: the CPUs the worker may use, 1: never",
         0)
     shm_dir: Path = _doc("where workers put frame segments: a tmpfs (Docker: size it with "
                          "shm_size); the supervisor sweeps dead workers' segments there",

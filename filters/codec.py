@@ -33,7 +33,9 @@ JPEG can decode at 1/2, 1/4 or 1/8 scale in the DCT (``reduce``) when the chain 
 by shrinking at least that much (``Chain.reduce_factor``); the resized result is then
 within 44-52 dB PSNR of full decode + resize on the frame above. EXIF orientation is
 read from the header and applied here, the same way for every backend. Encoding is
-``cv2.imencode`` (RGB swapped to BGR), the faster of the two everywhere.
+``cv2.imencode`` (RGB swapped to BGR), the faster of the two everywhere; a JPEG is
+written with a restart marker per MCU row, in bands on idle cores when asked
+(``filters.bands``).
 
 Outputs follow the image contract of ``filters.pixels``: 1 channel for gray sources,
 3 for colour, 4 whenever the source has any transparency; 16-bit samples are scaled
@@ -52,6 +54,7 @@ from PIL import Image as PILImage
 from PIL import ImageFile
 
 from imgpipe.core.errors import ImageError, ImageTooLarge, ImgpipeError
+from imgpipe.filters import bands
 from imgpipe.filters.formats import AUTO, OUTPUT_FORMATS, sniff
 from imgpipe.filters.params import Params, param
 from imgpipe.filters.pixels import Image, as_image, check_image
@@ -292,11 +295,13 @@ def _orient(img: Image, orientation: int) -> Image:
     return img
 
 
-def encode(img: Image, fmt: str, quality: int = DEFAULT_QUALITY) -> bytes:
+def encode(img: Image, fmt: str, quality: int = DEFAULT_QUALITY, *, threads: int = 1) -> bytes:
     """Encode to ``jpeg``, ``png``, ``webp`` or ``avif``.
 
     ``quality`` (1..100) applies to JPEG, WebP and AVIF; PNG is lossless. JPEG has no alpha,
-    so RGBA is composited on white first (transparent areas come out white).
+    so RGBA is composited on white first (transparent areas come out white). A JPEG is
+    written in bands on up to ``threads`` threads, the same bytes as on one
+    (``filters.bands``).
     """
     check_image(img)
     if fmt not in OUTPUT_FORMATS:
@@ -312,9 +317,12 @@ def encode(img: Image, fmt: str, quality: int = DEFAULT_QUALITY) -> bytes:
     if fmt == "avif":
         return _encode_avif(img, quality)
     if fmt == "jpeg":
-        img = _flatten_on_white(img)
-        params = [cv2.IMWRITE_JPEG_QUALITY, quality]
-    elif fmt == "webp":
+        try:
+            return bands.encode_jpeg(_flatten_on_white(img), quality, threads=threads)
+        except ValueError as exc:
+            raise ImageError(f"could not encode a {width}×{height} image as jpeg: {exc}",
+                             field="ops") from exc
+    if fmt == "webp":
         params = [cv2.IMWRITE_WEBP_QUALITY, quality]
     else:
         params = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]

@@ -115,7 +115,7 @@ def _run(task: Task, chain: Any, pool: FilterPool, buffers: BufferSet, opts: Opt
             out = apply_chain(img, chain, max_pixels=opts.max_pixels, gravities=used)
             timings["filters"] = (time.perf_counter() - t) * 1000
             del img
-            _encode(out, chain, fmt_in, result)
+            _encode(out, chain, fmt_in, result, opts.idle_threads)
             result.gravity = gravity_note(used)
             return
     buf = buffers.acquire()
@@ -133,7 +133,7 @@ def _run(task: Task, chain: Any, pool: FilterPool, buffers: BufferSet, opts: Opt
             assert buf.shm is not None and buf.shm.name == done.seg
             view = np.ndarray(done.shape, dtype=np.dtype(done.dtype), buffer=buf.shm.buf)
             try:
-                _encode(view, chain, fmt_in, result)
+                _encode(view, chain, fmt_in, result, opts.idle_threads)
             finally:
                 del view
         result.gravity = done.gravity
@@ -151,11 +151,13 @@ def runs_inline(chain: Any, img: np.ndarray, inline_ms: float) -> bool:
     return filters_ms(chain, width, height)[0] <= inline_ms
 
 
-def _encode(img: np.ndarray, chain: Any, fmt_in: str, result: Result) -> None:
+def _encode(img: np.ndarray, chain: Any, fmt_in: str, result: Result, idle_threads: int
+            ) -> None:
     enc = chain.encode or EncodeParams()
     fmt = output_format(fmt_in, enc.format)
     t = time.perf_counter()
-    data = encode(img, fmt, enc.quality)
+    threads = idle_threads if idle_threads > 1 and host_idle() else 1
+    data = encode(img, fmt, enc.quality, threads=threads)
     result.timings["encode"] = (time.perf_counter() - t) * 1000
     result.ok = True
     result.payload = data

@@ -163,3 +163,26 @@ def test_a_lone_task_on_an_idle_host_asks_the_pool_for_more_threads(
     never = process_task(task(data, ops), pool, buffers, OPTS)  # idle_threads=1: never
     assert bytes(never.payload) == bytes(result.payload)
     assert asked == [sent, 0]
+
+
+@pytest.mark.parametrize(("idle", "threads"), [(True, 2), (False, 1)])
+def test_a_lone_task_on_an_idle_host_encodes_in_bands(
+        pool: FilterPool, buffers: BufferSet, monkeypatch: pytest.MonkeyPatch,
+        idle: bool, threads: int) -> None:
+    import imgpipe.workers.pipeline as pipeline
+
+    asked: list[int] = []
+    encode = pipeline.encode
+
+    def spy(*args: Any, **kw: Any) -> bytes:
+        asked.append(kw["threads"])
+        return encode(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "host_idle", lambda: idle)
+    monkeypatch.setattr(pipeline, "encode", spy)
+    data, ops = jpeg(1280, 720, seed=6), "resize:w=960"  # inline: encoded on the slot thread
+    lending = Options(worker="test-1", max_pixels=50_000_000, inline_ms=5.0, idle_threads=2)
+    result = process_task(task(data, ops), pool, buffers, lending)
+    assert result.ok, result.error
+    assert bytes(result.payload) == reference(data, ops)  # the same bytes either way
+    assert asked == [threads]
