@@ -140,21 +140,28 @@ def test_the_delay_hook_holds_the_slot(pool: FilterPool, buffers: BufferSet) -> 
     assert result.ok and result.timings["total"] >= 300
 
 
-@pytest.mark.parametrize(("idle", "sent"), [(True, 2), (False, 0)])
-def test_a_lone_task_on_an_idle_host_asks_the_pool_for_more_threads(
+@pytest.mark.parametrize(("idle", "sent", "bands"), [(True, 2, 2), (False, 0, 1)])
+def test_a_lone_task_on_an_idle_host_asks_for_more_threads(
         pool: FilterPool, buffers: BufferSet, monkeypatch: pytest.MonkeyPatch,
-        idle: bool, sent: int) -> None:
+        idle: bool, sent: int, bands: int) -> None:
+    """The pool's threads for the filters, the encoder's bands for the JPEG."""
     import imgpipe.workers.pipeline as pipeline
 
     asked: list[int] = []
-    run = pool.run
+    encoded: list[int] = []
+    run, encode = pool.run, pipeline.encode
 
     def spy(*args: Any, **kw: Any) -> Any:
         asked.append(kw["threads"])
         return run(*args, **kw)
 
+    def spy_encode(*args: Any, **kw: Any) -> bytes:
+        encoded.append(kw["threads"])
+        return encode(*args, **kw)
+
     monkeypatch.setattr(pipeline, "host_idle", lambda: idle)
     monkeypatch.setattr(pool, "run", spy)
+    monkeypatch.setattr(pipeline, "encode", spy_encode)
     data, ops = jpeg(640, 400, seed=4), "blur:radius=2|brightness:factor=1.1"
     lending = Options(worker="test-1", max_pixels=50_000_000, idle_threads=2)
     result = process_task(task(data, ops), pool, buffers, lending)
@@ -163,26 +170,5 @@ def test_a_lone_task_on_an_idle_host_asks_the_pool_for_more_threads(
     never = process_task(task(data, ops), pool, buffers, OPTS)  # idle_threads=1: never
     assert bytes(never.payload) == bytes(result.payload)
     assert asked == [sent, 0]
+    assert encoded == [bands, 1]
 
-
-@pytest.mark.parametrize(("idle", "threads"), [(True, 2), (False, 1)])
-def test_a_lone_task_on_an_idle_host_encodes_in_bands(
-        pool: FilterPool, buffers: BufferSet, monkeypatch: pytest.MonkeyPatch,
-        idle: bool, threads: int) -> None:
-    import imgpipe.workers.pipeline as pipeline
-
-    asked: list[int] = []
-    encode = pipeline.encode
-
-    def spy(*args: Any, **kw: Any) -> bytes:
-        asked.append(kw["threads"])
-        return encode(*args, **kw)
-
-    monkeypatch.setattr(pipeline, "host_idle", lambda: idle)
-    monkeypatch.setattr(pipeline, "encode", spy)
-    data, ops = jpeg(1280, 720, seed=6), "resize:w=960"  # inline: encoded on the slot thread
-    lending = Options(worker="test-1", max_pixels=50_000_000, inline_ms=5.0, idle_threads=2)
-    result = process_task(task(data, ops), pool, buffers, lending)
-    assert result.ok, result.error
-    assert bytes(result.payload) == reference(data, ops)  # the same bytes either way
-    assert asked == [threads]
