@@ -43,6 +43,9 @@ MAX_SIDE = 65500
 """libjpeg's largest width or height (a band could be encoded, the whole could not)."""
 
 _RST = re.compile(rb"\xff[\xd0-\xd7]")
+# _RENUMBER[shift][marker]: restart marker ``marker`` counted on by ``shift``
+_RENUMBER = tuple({bytes((0xFF, 0xD0 + i)): bytes((0xFF, 0xD0 + (i + shift) % 8))
+                   for i in range(8)} for shift in range(8))
 _EOI = b"\xff\xd9"
 _SOF = frozenset({0xC0, 0xC1})  # baseline and extended sequential: what libjpeg writes
 _SOS = 0xDA
@@ -77,22 +80,18 @@ def _renumbered(scan: memoryview, shift: int) -> Any:
     """A band's scan with its restart markers counted on by ``shift`` (0..7)."""
     if shift == 0:
         return scan
-    table = {bytes((0xFF, 0xD0 + i)): bytes((0xFF, 0xD0 + (i + shift) % 8)) for i in range(8)}
+    table = _RENUMBER[shift]
     return _RST.sub(lambda m: table[m.group()], scan)
-
-
-def _encode(bgr: np.ndarray, params: list[int]) -> bytes:
-    ok, buf = cv2.imencode(".jpg", bgr, params)
-    if not ok:
-        raise ValueError("OpenCV could not encode the band")
-    return buf.tobytes()
 
 
 def _band(img: np.ndarray, params: list[int]) -> bytes:
     """One band, RGB swapped to BGR on this thread too."""
     if img.ndim == 3 and img.shape[2] == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    return _encode(img, params)
+    ok, buf = cv2.imencode(".jpg", img, params)
+    if not ok:
+        raise ValueError("OpenCV could not encode the band")
+    return buf.tobytes()
 
 
 def _headers(jpeg: bytes) -> tuple[int, int]:

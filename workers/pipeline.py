@@ -16,10 +16,10 @@ after a reduced decode, a crop, a flip) runs on the slot thread between decode a
 encode instead, under the same gate: OpenCV releases the GIL, the frame is never
 copied, and the pool is left to the filters worth a process.
 
-A task sent to the pool while nothing else runs on the host (``host_idle``: one
-request alone) has its filters run on ``idle_filter_threads`` OpenCV threads, so a
-lone image gets the cores nobody else is using; under load, one thread per process, as
-the measurements in docs/worker.md ask.
+While nothing else runs on the host (``host_idle``: one request alone), a task's
+filters in the pool run on ``idle_filter_threads`` OpenCV threads and its JPEG is
+encoded in as many bands (``lent_threads``), so a lone image gets the cores nobody else
+is using; under load, one thread per process, as the measurements in docs/worker.md ask.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def _run(task: Task, chain: Any, pool: FilterPool, buffers: BufferSet, opts: Opt
             shape, dtype = copy_into(img, out_size, buf)
             del img
         t = time.perf_counter()
-        threads = opts.idle_threads if opts.idle_threads > 1 and host_idle() else 0
+        threads = lent_threads(opts.idle_threads)
         done = pool.run(buf.name, shape, dtype, chain.canonical(), deadline=task.deadline,
                         max_pixels=opts.max_pixels, grow=lambda nbytes: _grow(buf, nbytes),
                         threads=threads)
@@ -139,6 +139,12 @@ def _run(task: Task, chain: Any, pool: FilterPool, buffers: BufferSet, opts: Opt
         result.gravity = done.gravity
     finally:
         buffers.release(buf)
+
+
+def lent_threads(idle_threads: int) -> int:
+    """Threads a step may use beyond its own: ``idle_threads`` while nothing else runs
+    on the host (a lone image gets the idle cores), else 0."""
+    return idle_threads if idle_threads > 1 and host_idle() else 0
 
 
 def runs_inline(chain: Any, img: np.ndarray, inline_ms: float) -> bool:
@@ -156,8 +162,7 @@ def _encode(img: np.ndarray, chain: Any, fmt_in: str, result: Result, idle_threa
     enc = chain.encode or EncodeParams()
     fmt = output_format(fmt_in, enc.format)
     t = time.perf_counter()
-    threads = idle_threads if idle_threads > 1 and host_idle() else 1
-    data = encode(img, fmt, enc.quality, threads=threads)
+    data = encode(img, fmt, enc.quality, threads=max(1, lent_threads(idle_threads)))
     result.timings["encode"] = (time.perf_counter() - t) * 1000
     result.ok = True
     result.payload = data
