@@ -44,7 +44,7 @@ def imgpipe_one(data: bytes, spec: str) -> bytes:
     from imgpipe.filters import apply_chain, codec
 
     chain = _chain(spec)
-    img, info = codec.decode_reduced(data, chain.reduce_factor)
+    img, info = codec.decode_reduced(data, chain.reduce_factor, bgr=chain.order_free)
     out = apply_chain(img, chain)
     return _encode(out, chain, info.format)
 
@@ -54,7 +54,8 @@ def _encode(img, chain, input_format: str) -> bytes:  # type: ignore[no-untyped-
 
     enc = chain.encode
     fmt = output_format(input_format, enc.format if enc else None)
-    return bytes(codec.encode(img, fmt, enc.quality) if enc else codec.encode(img, fmt))
+    quality = enc.quality if enc else codec.DEFAULT_QUALITY
+    return bytes(codec.encode(img, fmt, quality, bgr=chain.order_free))
 
 
 def stage_times(data: bytes, spec: str) -> dict[str, float]:
@@ -68,7 +69,7 @@ def stage_times(data: bytes, spec: str) -> dict[str, float]:
     reduce = chain.reduce_factor(info.width, info.height)
     out["probe"] = (time.perf_counter() - t) * 1000
     t = time.perf_counter()
-    img = codec.decode(data, reduce=reduce)
+    img = codec.decode(data, reduce=reduce, bgr=chain.order_free)
     out[f"decode(reduce={reduce})"] = (time.perf_counter() - t) * 1000
     for i, part in enumerate(spec.split("|")):
         if part.strip().startswith("encode"):

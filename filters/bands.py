@@ -84,9 +84,9 @@ def _renumbered(scan: memoryview, shift: int) -> Any:
     return _RST.sub(lambda m: table[m.group()], scan)
 
 
-def _band(img: np.ndarray, params: list[int]) -> bytes:
-    """One band, RGB swapped to BGR on this thread too."""
-    if img.ndim == 3 and img.shape[2] == 3:
+def _band(img: np.ndarray, params: list[int], bgr: bool = False) -> bytes:
+    """One band; an RGB one swapped to BGR on this thread too."""
+    if img.ndim == 3 and img.shape[2] == 3 and not bgr:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     ok, buf = cv2.imencode(".jpg", img, params)
     if not ok:
@@ -136,7 +136,7 @@ class _Helper(threading.Thread):
 
     def __init__(self) -> None:
         super().__init__(name="jpeg-band", daemon=True)
-        self.jobs: queue.SimpleQueue[tuple[Future[bytes], np.ndarray, list[int]]] = (
+        self.jobs: queue.SimpleQueue[tuple[Future[bytes], np.ndarray, list[int], bool]] = (
             queue.SimpleQueue())
         self.tid = 0
         self._ready = threading.Event()
@@ -147,16 +147,16 @@ class _Helper(threading.Thread):
         self.tid = threading.get_native_id()
         self._ready.set()
         while True:
-            future, img, params = self.jobs.get()
+            future, img, params, bgr = self.jobs.get()
             if future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(_band(img, params))
+                    future.set_result(_band(img, params, bgr))
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     future.set_exception(exc)
 
-    def submit(self, img: np.ndarray, params: list[int]) -> Future[bytes]:
+    def submit(self, img: np.ndarray, params: list[int], bgr: bool) -> Future[bytes]:
         future: Future[bytes] = Future()
-        self.jobs.put((future, img, params))
+        self.jobs.put((future, img, params, bgr))
         return future
 
 
@@ -205,28 +205,29 @@ def _libc_getcpu() -> Any:
 _getcpu = _libc_getcpu()
 
 
-def encode_jpeg(img: np.ndarray, quality: int, *, threads: int = 1) -> bytes:
-    """``img`` (RGB or gray, uint8) as a baseline JPEG; frames at least MIN_ROWS tall
-    carry a restart marker per MCU row and are encoded as up to ``threads`` bands at
-    once: the same bytes however many threads ran."""
+def encode_jpeg(img: np.ndarray, quality: int, *, threads: int = 1, bgr: bool = False
+                ) -> bytes:
+    """``img`` (RGB, or BGR with ``bgr``, or gray; uint8) as a baseline JPEG; frames at
+    least MIN_ROWS tall carry a restart marker per MCU row and are encoded as up to
+    ``threads`` bands at once: the same bytes however many threads ran."""
     height, width = img.shape[:2]
     if max(height, width) > MAX_SIDE:
         raise ValueError(f"JPEG holds at most {MAX_SIDE} px a side")
     channels = img.shape[2] if img.ndim == 3 else 1
     params = [cv2.IMWRITE_JPEG_QUALITY, quality]
     if height < MIN_ROWS:
-        return _band(img, params)
+        return _band(img, params, bgr)
     params += [cv2.IMWRITE_JPEG_RST_INTERVAL, restart_interval(width, channels)]
     mcu = mcu_size(channels)
     edges = _edges(height, threads, mcu)
     if len(edges) <= 2:
-        return _band(img, params)
+        return _band(img, params, bgr)
     helpers = _helpers(len(edges) - 2)
     _steer(helpers)
-    rest = [h.submit(img[a:b], params)
+    rest = [h.submit(img[a:b], params, bgr)
             for h, a, b in zip(helpers, edges[1:-1], edges[2:], strict=True)]
     try:
-        first = _band(img[:edges[1]], params)
+        first = _band(img[:edges[1]], params, bgr)
     finally:
         bands = [f.result() for f in rest]
     return stitch([first, *bands], edges, mcu)

@@ -89,6 +89,13 @@ class Chain:
         steps = self.steps if self.encode is None else (*self.steps, Step("encode", self.encode))
         return "heavy" if any(step.cost == "heavy" for step in steps) else "light"
 
+    @functools.cached_property
+    def order_free(self) -> bool:
+        """True when every step treats the colour channels alike: the chain may run on
+        a B, G, R frame (decoded and encoded by OpenCV without a swap) and give the same
+        output bytes as on R, G, B."""
+        return all(step.spec.is_order_free(step.params) for step in self.steps)
+
     def output_size(
         self, width: int, height: int, *, max_pixels: int | None = None
     ) -> tuple[int, int]:

@@ -185,25 +185,31 @@ def check_pixels(info: ImageInfo, max_pixels: int) -> None:
 
 
 def decode(
-    data: bytes | memoryview, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce: int = 1
+    data: bytes | memoryview, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce: int = 1,
+    bgr: bool = False,
 ) -> Image:
     """Pixels of an accepted image, oriented upright.
 
     ``reduce`` (1, 2, 4 or 8) asks JPEG to decode at that fraction of its size
-    (rounded up); other formats ignore it and decode at full size.
+    (rounded up); other formats ignore it and decode at full size. ``bgr``: see
+    :func:`decode_reduced`.
     """
     if reduce not in (1, 2, 4, 8):
         raise ValueError(f"reduce must be 1, 2, 4 or 8, got {reduce}")
-    return decode_reduced(data, lambda _w, _h: reduce, max_pixels=max_pixels)[0]
+    return decode_reduced(data, lambda _w, _h: reduce, max_pixels=max_pixels, bgr=bgr)[0]
 
 
 def decode_reduced(
     data: bytes | memoryview, reduce_for: Callable[[int, int], int], *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS, bgr: bool = False,
 ) -> tuple[Image, ImageInfo]:
     """Pixels and header of an accepted image, reading the header once: the pixel limit
     is checked, then ``reduce_for(width, height)`` (oriented size) picks the reduction
-    :func:`decode` takes as ``reduce``."""
+    :func:`decode` takes as ``reduce``.
+
+    With ``bgr`` a colour frame without alpha comes in B, G, R order, OpenCV's own (for
+    a chain that treats the channels alike, encoded with ``encode(..., bgr=True)``: no
+    swap at either end); gray and RGBA frames are the same either way."""
     im, info = _open(data, max_pixels)
     check_pixels(info, max_pixels)
     reduce = reduce_for(info.width, info.height)
@@ -213,20 +219,23 @@ def decode_reduced(
     if info.format in ("jpeg", "png", "webp") and not (
         im.mode in _GRAY_MODES and "transparency" in im.info
     ):
-        img = _decode_cv(data, info, reduce if info.format == "jpeg" else 1)
+        img = _decode_cv(data, info, reduce if info.format == "jpeg" else 1, bgr=bgr)
     else:
         img = _decode_pil(im, info)
+        if bgr and img.shape[2] == 3:
+            img = as_image(cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     return _orient(img, info.orientation), info
 
 
-def _decode_cv(data: bytes | memoryview, info: ImageInfo, reduce: int) -> Image:
+def _decode_cv(data: bytes | memoryview, info: ImageInfo, reduce: int, *,
+               bgr: bool = False) -> Image:
     flags = cv2.IMREAD_IGNORE_ORIENTATION
     if info.channels == 4:
         flags = cv2.IMREAD_UNCHANGED  # the only mode that keeps alpha; ignores EXIF too
     elif info.channels == 1:
         flags |= cv2.IMREAD_GRAYSCALE
     else:
-        flags |= cv2.IMREAD_COLOR_RGB
+        flags |= cv2.IMREAD_COLOR_BGR if bgr else cv2.IMREAD_COLOR_RGB
     if reduce > 1:
         flags |= _REDUCE_FLAGS[reduce]
     try:
@@ -295,13 +304,16 @@ def _orient(img: Image, orientation: int) -> Image:
     return img
 
 
-def encode(img: Image, fmt: str, quality: int = DEFAULT_QUALITY, *, threads: int = 1) -> bytes:
+def encode(img: Image, fmt: str, quality: int = DEFAULT_QUALITY, *, threads: int = 1,
+           bgr: bool = False) -> bytes:
     """Encode to ``jpeg``, ``png``, ``webp`` or ``avif``.
 
     ``quality`` (1..100) applies to JPEG, WebP and AVIF; PNG is lossless. JPEG has no alpha,
     so RGBA is composited on white first (transparent areas come out white). A JPEG is
     written in bands on up to ``threads`` threads, the same bytes as on one
-    (``filters.bands``).
+    (``filters.bands``). With ``bgr`` a three-channel ``img`` is in B, G, R order (as
+    ``decode(..., bgr=True)`` gives it): OpenCV's writers take it as it is, the same
+    bytes as for the R, G, B frame.
     """
     check_image(img)
     if fmt not in OUTPUT_FORMATS:
@@ -315,10 +327,14 @@ def encode(img: Image, fmt: str, quality: int = DEFAULT_QUALITY, *, threads: int
             field="ops",
         )
     if fmt == "avif":
+        if bgr and img.shape[2] == 3:
+            img = as_image(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
         return _encode_avif(img, quality)
     if fmt == "jpeg":
         try:
-            return bands.encode_jpeg(_flatten_on_white(img), quality, threads=threads)
+            # an RGBA frame is RGBA either way, and RGB once flattened
+            return bands.encode_jpeg(_flatten_on_white(img), quality, threads=threads,
+                                     bgr=bgr and img.shape[2] == 3)
         except ValueError as exc:
             raise ImageError(f"could not encode a {width}×{height} image as jpeg: {exc}",
                              field="ops") from exc
@@ -328,7 +344,8 @@ def encode(img: Image, fmt: str, quality: int = DEFAULT_QUALITY, *, threads: int
         params = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]
     channels = img.shape[2]
     if channels == 3:
-        img = as_image(cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        if not bgr:
+            img = as_image(cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     elif channels == 4:
         img = as_image(cv2.cvtColor(img, cv2.COLOR_RGBA2BGRA))
     elif fmt == "webp":  # libwebp has no gray input

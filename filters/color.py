@@ -33,7 +33,7 @@ class FactorParams(Params):
     )
 
 
-@register("brightness", params=FactorParams)
+@register("brightness", params=FactorParams, order_free=True)
 def brightness(img: Image, p: FactorParams) -> Image:
     """Scale every colour value by factor (0 = black, as Pillow's ImageEnhance.Brightness)."""
     if p.factor == 1:
@@ -104,7 +104,7 @@ def sepia(img: Image, p: SepiaParams) -> Image:
     return as_image(cv2.transform(to_rgb(img), m))
 
 
-@register("invert", params=NoParams)
+@register("invert", params=NoParams, order_free=True)
 def invert(img: Image, p: NoParams) -> Image:
     """Negative of the colours (255 - value); alpha is kept."""
     if img.shape[2] == 4:

@@ -58,7 +58,7 @@ class BlurParams(Params):
     radius: float = param(2.0, lo=0, hi=MAX_RADIUS, doc="Gaussian σ in px")
 
 
-@register("blur", params=BlurParams)
+@register("blur", params=BlurParams, order_free=True)
 def blur(img: Image, p: BlurParams) -> Image:
     """Gaussian blur (as Pillow's GaussianBlur); alpha is blurred along with the colours."""
     if p.radius == 0:
@@ -73,7 +73,7 @@ class SharpenParams(Params):
     threshold: int = param(3, lo=0, hi=255, doc="smallest difference that is sharpened")
 
 
-@register("sharpen", params=SharpenParams)
+@register("sharpen", params=SharpenParams, order_free=True)
 def sharpen(img: Image, p: SharpenParams) -> Image:
     """Unsharp mask (as Pillow's UnsharpMask): value + amount × (value - blurred value).
 
@@ -115,7 +115,7 @@ class EmbossParams(Params):
     strength: float = param(1.0, lo=0, hi=10, doc="relief height; 1 = Pillow's EMBOSS")
 
 
-@register("emboss", params=EmbossParams)
+@register("emboss", params=EmbossParams, order_free=True)
 def emboss(img: Image, p: EmbossParams) -> Image:
     """Relief on mid gray: 128 + strength × (pixel - its lower-left neighbour), as Pillow's EMBOSS.
 
@@ -137,7 +137,8 @@ class MedianParams(Params):
             raise ParamError("size", f"size must be odd, got {self.size}")
 
 
-@register("median", params=MedianParams, heavy_when=lambda p: p.size > 5)
+@register("median", params=MedianParams, heavy_when=lambda p: p.size > 5,
+          order_free=True)
 def median(img: Image, p: MedianParams) -> Image:
     """Median of each size×size window: removes speckles, keeps edges; sizes over 5 are heavy.
 
@@ -181,7 +182,7 @@ class PixelateParams(Params):
     size: int = param(8, lo=1, hi=512, doc="block side in px")
 
 
-@register("pixelate", params=PixelateParams)
+@register("pixelate", params=PixelateParams, order_free=True)
 def pixelate(img: Image, p: PixelateParams) -> Image:
     """Replace each size×size block (from the top left) by its mean colour."""
     b = p.size

@@ -76,7 +76,8 @@ def resize_size(width: int, height: int, p: ResizeParams) -> tuple[int, int]:
     return _round(width * p.h / height), p.h
 
 
-@register("resize", params=ResizeParams, geometry=resize_size)
+@register("resize", params=ResizeParams, geometry=resize_size,
+          order_free=lambda p: p.gravity != "smart")
 def resize(img: Image, p: ResizeParams) -> Image:
     """Resize to w×h: area averaging when shrinking, bicubic when enlarging.
 
@@ -154,7 +155,8 @@ def crop_size(width: int, height: int, p: CropParams) -> tuple[int, int]:
     return crop_box(width, height, p)[2:]
 
 
-@register("crop", params=CropParams, geometry=crop_size)
+@register("crop", params=CropParams, geometry=crop_size,
+          order_free=lambda p: p.gravity != "smart")
 def crop(img: Image, p: CropParams) -> Image:
     """Cut the rectangle x, y, w, h, or a w×h window placed by gravity; clipped to the image.
 
@@ -201,7 +203,8 @@ _QUARTER_TURNS = {
 }
 
 
-@register("rotate", params=RotateParams, geometry=rotate_size, heavy_when=lambda p: p.deg % 90 != 0)
+@register("rotate", params=RotateParams, geometry=rotate_size,
+          heavy_when=lambda p: p.deg % 90 != 0, order_free=True)
 def rotate(img: Image, p: RotateParams) -> Image:
     """Rotate counter-clockwise by deg (as Pillow); angles off multiples of 90° are heavy.
 
@@ -240,7 +243,7 @@ class FlipParams(Params):
 _FLIP_CODES = {"h": 1, "v": 0, "both": -1}
 
 
-@register("flip", params=FlipParams)
+@register("flip", params=FlipParams, order_free=True)
 def flip(img: Image, p: FlipParams) -> Image:
     """Mirror the image horizontally, vertically or both."""
     return as_image(cv2.flip(img, _FLIP_CODES[p.dir]))

@@ -97,6 +97,11 @@ class FilterSpec(Generic[P]):
     ``geometry(width, height, params)`` gives the output size without touching pixels
     (``None``: the size does not change); the chain uses it to refuse an output over
     the pixel limit before computing it, and callers to size buffers.
+
+    ``order_free`` (``True``, or a test of the parameters) says the filter treats the
+    three colour channels alike: run on a frame with R and B swapped, it gives its
+    usual result with R and B swapped. A chain of such steps can run on the B, G, R
+    frames OpenCV decodes and encodes, with no swap at either end.
     """
 
     name: str
@@ -106,6 +111,11 @@ class FilterSpec(Generic[P]):
     doc: str
     geometry: Geometry[P] | None = None
     heavy_when: Callable[[P], bool] | None = None
+    order_free: bool | Callable[[P], bool] = False
+
+    def is_order_free(self, params: P) -> bool:
+        """Whether this use commutes with swapping R and B (see the class)."""
+        return self.order_free(params) if callable(self.order_free) else self.order_free
 
     def step_cost(self, params: P) -> Cost:
         """The cost class of one use: ``heavy_when`` can make a light filter heavy."""
@@ -133,11 +143,13 @@ def register(
     cost: Cost = "light",
     geometry: Geometry[P] | None = None,
     heavy_when: Callable[[P], bool] | None = None,
+    order_free: bool | Callable[[P], bool] = False,
 ) -> Callable[[FilterFn[P]], FilterFn[P]]:
     """Register ``fn(img, params) -> img`` under ``name``; a name registered twice is an error.
 
     ``cost`` is the filter's class; ``heavy_when(params)`` marks the parameter values
-    that make a light filter heavy (a large median window, say).
+    that make a light filter heavy (a large median window, say); ``order_free`` those
+    that treat the colour channels alike (:class:`FilterSpec`), by default none.
     """
     if not _NAME_RE.fullmatch(name):
         raise ValueError(f"bad filter name {name!r}")
@@ -150,7 +162,7 @@ def register(
             raise ValueError(f"filter {name!r} is already registered")
         doc = (fn.__doc__ or "").strip().split("\n\n")[0]
         REGISTRY[name] = FilterSpec(
-            name, fn, params, cost, " ".join(doc.split()), geometry, heavy_when
+            name, fn, params, cost, " ".join(doc.split()), geometry, heavy_when, order_free
         )
         return fn
 

@@ -162,7 +162,8 @@ def _encode(img: np.ndarray, chain: Any, fmt_in: str, result: Result, idle_threa
     enc = chain.encode or EncodeParams()
     fmt = output_format(fmt_in, enc.format)
     t = time.perf_counter()
-    data = encode(img, fmt, enc.quality, threads=max(1, lent_threads(idle_threads)))
+    data = encode(img, fmt, enc.quality, threads=max(1, lent_threads(idle_threads)),
+                  bgr=chain.order_free)
     result.timings["encode"] = (time.perf_counter() - t) * 1000
     result.ok = True
     result.payload = data
@@ -173,12 +174,14 @@ def _encode(img: np.ndarray, chain: Any, fmt_in: str, result: Result, idle_threa
 
 def decode_checked(data: Any, chain: Any, max_pixels: int
                    ) -> tuple[np.ndarray, str, tuple[int, int]]:
-    """Decode ``data`` (reduced when the chain allows it); the frame, its format and the
-    size the chain makes of it.
+    """Decode ``data`` (reduced when the chain allows it; in OpenCV's B, G, R order when
+    the chain treats the channels alike, so neither end swaps them); the frame, its
+    format and the size the chain makes of it.
 
     The pixel limit is checked from the header before anything is decoded, for the
     input and for every step's output size."""
-    img, info = decode_reduced(data, chain.reduce_factor, max_pixels=max_pixels)
+    img, info = decode_reduced(data, chain.reduce_factor, max_pixels=max_pixels,
+                               bgr=chain.order_free)
     height, width = img.shape[:2]
     return img, info.format, chain.output_size(width, height, max_pixels=max_pixels)
 
