@@ -263,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import cv2
 
     # OpenCV single-threaded here too, as in the workers and the pools: each mode's
-    # parallelism is its own (threads, processes), not OpenCV's internal threads.
+    # parallelism is its own (threads, processes), not OpenCV's internal threads; and
+    # the services' heap settings, for every mode run in this process.
     before = cv2.getNumThreads()
     work.single_thread_init()
     try:

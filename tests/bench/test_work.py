@@ -52,3 +52,34 @@ def test_timed_returns_the_output_and_a_duration() -> None:
     out, ms = work.timed(lambda d, a: d + a, b"x", b"y")
     assert out == b"xy"
     assert ms >= 0
+
+
+def _mmapped_bytes_for_a_40mb_frame(tuned: bool) -> int:
+    """In this (fresh) process: bytes glibc serves by mmap while a 40 MB frame lives."""
+    import ctypes
+
+    import numpy as np
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    if tuned:
+        work.single_thread_init()
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = MallInfo2
+    frame = np.empty(40_000_000, np.uint8)
+    frame[::4096] = 1
+    return int(mallinfo2().hblkhd)
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_bench_processes_keep_frames_in_the_heap_as_the_services_do(tuned: bool) -> None:
+    # The limit and pool processes run single_thread_init: the services' heap settings,
+    # so a frame is not a fresh mmap (page faults, zeroing) in a mode and not in another.
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        mapped = pool.apply(_mmapped_bytes_for_a_40mb_frame, (tuned,))
+    assert (mapped < 40_000_000) is tuned
