@@ -50,12 +50,11 @@ def imgpipe_one(data: bytes, spec: str) -> bytes:
 
 
 def _encode(img, chain, input_format: str) -> bytes:  # type: ignore[no-untyped-def]
-    from imgpipe.filters import codec, output_format
+    from imgpipe.filters import EncodeParams, codec, output_format
 
-    enc = chain.encode
-    fmt = output_format(input_format, enc.format if enc else None)
-    quality = enc.quality if enc else codec.DEFAULT_QUALITY
-    return bytes(codec.encode(img, fmt, quality, bgr=chain.order_free))
+    enc = chain.encode or EncodeParams()  # as the worker's encode
+    fmt = output_format(input_format, enc.format)
+    return bytes(codec.encode(img, fmt, enc.quality, bgr=chain.order_free))
 
 
 def stage_times(data: bytes, spec: str) -> dict[str, float]:

@@ -24,11 +24,13 @@ busy its host was (the markers cost ~0.1 % of the file).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import queue
 import re
 import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -136,7 +138,7 @@ class _Helper(threading.Thread):
 
     def __init__(self) -> None:
         super().__init__(name="jpeg-band", daemon=True)
-        self.jobs: queue.SimpleQueue[tuple[Future[bytes], np.ndarray, list[int], bool]] = (
+        self.jobs: queue.SimpleQueue[tuple[Future[bytes], Callable[[], bytes]]] = (
             queue.SimpleQueue())
         self.tid = 0
         self._ready = threading.Event()
@@ -147,16 +149,16 @@ class _Helper(threading.Thread):
         self.tid = threading.get_native_id()
         self._ready.set()
         while True:
-            future, img, params, bgr = self.jobs.get()
+            future, work = self.jobs.get()
             if future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(_band(img, params, bgr))
+                    future.set_result(work())
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     future.set_exception(exc)
 
-    def submit(self, img: np.ndarray, params: list[int], bgr: bool) -> Future[bytes]:
+    def submit(self, work: Callable[[], bytes]) -> Future[bytes]:
         future: Future[bytes] = Future()
-        self.jobs.put((future, img, params, bgr))
+        self.jobs.put((future, work))
         return future
 
 
@@ -224,7 +226,7 @@ def encode_jpeg(img: np.ndarray, quality: int, *, threads: int = 1, bgr: bool = 
         return _band(img, params, bgr)
     helpers = _helpers(len(edges) - 2)
     _steer(helpers)
-    rest = [h.submit(img[a:b], params, bgr)
+    rest = [h.submit(functools.partial(_band, img[a:b], params, bgr))
             for h, a, b in zip(helpers, edges[1:-1], edges[2:], strict=True)]
     try:
         first = _band(img[:edges[1]], params, bgr)

@@ -25,7 +25,8 @@ encode PNG, zlib level 1    ~600    ~800
 encode WebP, quality 85     ~760    ~770
 ==========================  ======  ======================================
 
-So JPEG, PNG and WebP decode through ``cv2.imdecode`` straight to RGB; OpenCV 5
+So JPEG, PNG and WebP decode through ``cv2.imdecode`` straight to RGB (or to B, G, R
+for a chain that treats the channels alike, ``Chain.order_free``); OpenCV 5
 refuses truncated JPEG, PNG and WebP data (it returns nothing instead of gray
 filling), which is exactly the policy here. GIF and BMP (rare, small) go through
 Pillow, as does the odd PNG OpenCV does not normalise (gray with a tRNS colour key).
@@ -33,7 +34,8 @@ JPEG can decode at 1/2, 1/4 or 1/8 scale in the DCT (``reduce``) when the chain 
 by shrinking at least that much (``Chain.reduce_factor``); the resized result is then
 within 44-52 dB PSNR of full decode + resize on the frame above. EXIF orientation is
 read from the header and applied here, the same way for every backend. Encoding is
-``cv2.imencode`` (RGB swapped to BGR), the faster of the two everywhere; a JPEG is
+``cv2.imencode`` (RGB swapped to BGR unless the frame already is), the faster of the
+two everywhere; a JPEG is
 written with a restart marker per MCU row, in bands on idle cores when asked
 (``filters.bands``).
 
@@ -326,15 +328,15 @@ def encode(img: Image, fmt: str, quality: int = DEFAULT_QUALITY, *, threads: int
             f"WebP holds at most {WEBP_MAX_SIDE} px a side; the image is {width}×{height}",
             field="ops",
         )
+    bgr = bgr and img.shape[2] == 3  # gray and RGBA frames have one order only
     if fmt == "avif":
-        if bgr and img.shape[2] == 3:
+        if bgr:
             img = as_image(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
         return _encode_avif(img, quality)
     if fmt == "jpeg":
         try:
-            # an RGBA frame is RGBA either way, and RGB once flattened
             return bands.encode_jpeg(_flatten_on_white(img), quality, threads=threads,
-                                     bgr=bgr and img.shape[2] == 3)
+                                     bgr=bgr)
         except ValueError as exc:
             raise ImageError(f"could not encode a {width}×{height} image as jpeg: {exc}",
                              field="ops") from exc

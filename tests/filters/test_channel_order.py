@@ -14,7 +14,16 @@ from PIL import Image
 
 from imgpipe.bench import work
 from imgpipe.core.errors import ImageTooLarge
-from imgpipe.filters import REGISTRY, apply_chain, decode, decode_reduced, encode, parse_chain
+from imgpipe.filters import (
+    REGISTRY,
+    EncodeParams,
+    apply_chain,
+    decode,
+    decode_reduced,
+    encode,
+    output_format,
+    parse_chain,
+)
 from tests.filters.images import Pixels, photo
 from tests.filters.test_filter_chain_properties import steps
 
@@ -95,7 +104,7 @@ def test_a_bgr_decode_is_the_rgb_decode_swapped(data: bytes, reduce: int) -> Non
                                   _png(photo(40, 50), "L"), encode(photo(300, 80)[:, :, :1],
                                                                    "jpeg")])
 def test_gray_and_rgba_frames_do_not_change(data: bytes) -> None:
-    img, info = decode_reduced(data, lambda _w, _h: 1, bgr=True)
+    img, _ = decode_reduced(data, lambda _w, _h: 1, bgr=True)
     assert img.shape[2] in (1, 4)
     assert np.array_equal(img, decode(data))
 
@@ -124,6 +133,6 @@ def test_the_bench_reference_gives_the_rgb_path_bytes(spec: str) -> None:
     chain = parse_chain(spec)
     img, info = decode_reduced(data, chain.reduce_factor)
     out = apply_chain(img, chain)
-    fmt = chain.encode.format if chain.encode and chain.encode.format else info.format
-    quality = chain.encode.quality if chain.encode else 85
-    assert work.imgpipe_one(data, spec) == encode(out, fmt, quality)
+    enc = chain.encode or EncodeParams()
+    assert work.imgpipe_one(data, spec) == encode(out, output_format(info.format, enc.format),
+                                                  enc.quality)
