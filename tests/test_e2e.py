@@ -53,8 +53,11 @@ def test_a_burst_of_4k_images_keeps_memory_bounded(stack_factory: Any) -> None:
     stack = stack_factory(2)
     big = [jpeg(3840, 2160, seed=s) for s in range(4)]
     ids = []
-    for k in range(6):  # 6 jobs x 8 images = 48 4K images queued at once
-        resp = post(stack.url, [big[(k + i) % 4] for i in range(8)], ["resize:w=1920|blur:radius=2"])
+    # 6 jobs x 8 images = 48 4K images queued at once, decoded whole (no resize first)
+    # and blurred in the pool: seconds of work, so the workers' heartbeats (1 s) show
+    # them busy on any machine.
+    for k in range(6):
+        resp = post(stack.url, [big[(k + i) % 4] for i in range(8)], ["blur:radius=10"])
         assert resp.status_code == 202, resp.text
         ids.append(resp.json()["id"])
     peak_inflight = 0
