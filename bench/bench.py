@@ -229,23 +229,55 @@ def run_modes(modes: list[Mode], ns: argparse.Namespace, progress: Progress,
 
 
 def latency_probe(mode: Pipeline, count: int) -> dict[str, Any]:
-    """One image end to end over HTTP, one at a time, next to its bare compute time."""
+    """One image end to end over HTTP, one at a time, next to its bare compute time,
+    and where the end-to-end time went (:func:`e2e_split`)."""
     from imgpipe.filters import codec
 
     image = mode.images[0]
     mode.probe(image, 1)  # warm the connection
-    e2e = mode.probe(image, count)
+    timed = mode.probe(image, count)
+    e2e = [ms for ms, _ in timed]
     compute = []
     for _ in range(count):
         t = time.perf_counter()
         work.imgpipe_one(image, mode.spec)
         compute.append((time.perf_counter() - t) * 1000)
+    docs = mode.job_docs([job for _, job in timed if job])
     info = codec.probe(image)
     e, c = percentiles(e2e), percentiles(compute)
     return {"mode": mode.name, "count": len(e2e),
             "image": {"width": info.width, "height": info.height, "bytes": len(image)},
             "e2e_ms": e, "compute_ms": c,
-            "ratio_p50": round(e["p50"] / c["p50"], 2) if e2e and c["p50"] else None}
+            "ratio_p50": round(e["p50"] / c["p50"], 2) if e2e and c["p50"] else None,
+            "e2e_split_ms": e2e_split(timed, docs)}
+
+
+# The parts of one request's end-to-end time, in order (see e2e_split).
+SPLIT = ("gateway", "dispatch", "to_worker", "worker", "store")
+
+
+def e2e_split(timed: list[tuple[float, str | None]], docs: list[dict[str, Any]]
+              ) -> dict[str, float] | None:
+    """Medians, over the probe's requests, of where each one's end-to-end time went:
+    ``dispatch`` (queued -> sent by the ventilator), ``to_worker`` (the hop), ``worker``
+    (received -> result ready), ``store`` (-> stored by the sink), from the job's
+    ``timings_ms``; ``gateway`` is the rest: the upload and its recording, the
+    completion event, the answer and the client. None when no document has them."""
+    by_path = {f"/api/jobs/{d['id']}": d for d in docs}
+    parts: dict[str, list[float]] = {k: [] for k in SPLIT}
+    for ms, path in timed:
+        doc = by_path.get(path or "")
+        outs = doc["outputs"] if doc else []
+        t = outs[0].get("timings_ms", {}) if len(outs) == 1 else {}
+        if any(t.get(k) is None for k in ("queue", "total", "dispatch", "store")):
+            continue
+        for key, value in (("dispatch", t["dispatch"]), ("to_worker", t["queue"] - t["dispatch"]),
+                           ("worker", t["total"]), ("store", t["store"]),
+                           ("gateway", ms - t["queue"] - t["total"] - t["store"])):
+            parts[key].append(value)
+    if not parts["worker"]:
+        return None
+    return {k: round(statistics.median(v), 2) for k, v in parts.items()}
 
 
 def stage_medians(image: bytes, spec: str, count: int = 5) -> dict[str, float]:

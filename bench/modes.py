@@ -247,6 +247,11 @@ class Pipeline(Mode):
         return sorted({r.pid for r in roots if r is not None})
 
     def _one(self, data: bytes) -> tuple[bytes | None, float, str | None]:
+        out, ms, err, _ = self._request(data)
+        return out, ms, err
+
+    def _request(self, data: bytes) -> tuple[bytes | None, float, str | None, str | None]:
+        """One upload answered with the image: (output, ms, error, the job's path)."""
         assert self.url is not None
         assert self.posters
         key = id(data)
@@ -263,18 +268,19 @@ class Pipeline(Mode):
             status, headers, content = poster.post(
                 f"/api/process/?{query}", body, ctype, {"Accept": "image/jpeg"})
         except (OSError, http.client.HTTPException) as exc:
-            return None, (time.perf_counter() - t) * 1000, f"{type(exc).__name__}: {exc}"
+            return None, (time.perf_counter() - t) * 1000, f"{type(exc).__name__}: {exc}", None
+        job = headers.get("location")
         if status == 202:  # every ?wait slot of the gateway was taken: poll
             try:
                 resp = api.wait_output(self.http, self.url, json.loads(content)["id"],
                                        self.wait_s)
             except (httpx.HTTPError, ValueError, KeyError, TimeoutError) as exc:
-                return None, (time.perf_counter() - t) * 1000, f"{type(exc).__name__}: {exc}"
+                return None, (time.perf_counter() - t) * 1000, f"{type(exc).__name__}: {exc}", job
             status, headers, content = (resp.status_code, dict(resp.headers), resp.content)
         ms = (time.perf_counter() - t) * 1000
         if status != 200 or not headers.get("content-type", "").startswith("image/"):
-            return None, ms, f"HTTP {status}: {content[:200]!r}"
-        return content, ms, None
+            return None, ms, f"HTTP {status}: {content[:200]!r}", job
+        return content, ms, None, job
 
     def run(self) -> Outcome:
         results = list(self.pool.map(self._one, self.images))
@@ -282,14 +288,25 @@ class Pipeline(Mode):
         return ([ms for _, ms, _ in results], later_sizes([o for o, _, _ in results]),
                 errors, None)
 
-    def probe(self, image: bytes, count: int) -> list[float]:
-        """``count`` one-at-a-time requests for one image: the end-to-end latency, ms."""
+    def probe(self, image: bytes, count: int) -> list[tuple[float, str | None]]:
+        """``count`` one-at-a-time requests for one image: each one's end-to-end latency
+        (ms) and its job's path."""
         lat = []
         for _ in range(count):
-            out, ms, err = self._one(image)
+            out, ms, err, job = self._request(image)
             if err is None and out is not None:
-                lat.append(ms)
+                lat.append((ms, job))
         return lat
+
+    def job_docs(self, paths: list[str]) -> list[dict[str, Any]]:
+        """The job documents at ``paths`` (read after the clock: not part of a request)."""
+        assert self.url is not None
+        docs = []
+        for path in paths:
+            resp = self.http.get(self.url + path)
+            if resp.status_code == 200:
+                docs.append(resp.json())
+        return docs
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -153,6 +153,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                       f"{probe['e2e_ms']['p50']:.0f} ms, p95 {probe['e2e_ms']['p95']:.0f} ms; "
                       f"bare compute p50 {probe['compute_ms']['p50']:.0f} ms, p95 "
                       f"{probe['compute_ms']['p95']:.0f} ms; ratio {probe['ratio_p50']}")
+        if split := probe.get("e2e_split_ms"):
+            console.print("  where e2e went (ms, medians): " + ", ".join(
+                f"{k.replace('_', ' ')} {v:.1f}" for k, v in split.items()))
     for m in report["modes"]:
         if parts := m.get("cpu_ms_per_image_by_component"):
             console.print(f"CPU ms per image, {m['mode']}: " + ", ".join(

@@ -26,9 +26,25 @@ def output_doc(o: Output) -> dict[str, Any]:
         "width": o.width, "height": o.height, "bytes": o.nbytes,
         "content_type": o.content_type, "worker": o.worker, "attempts": o.attempts,
         "cached": o.cached, "gravity": o.gravity,
-        "timings_ms": dict(o.timings_ms),
+        "timings_ms": {**o.timings_ms, **hop_timings(o)},
         "error": o.error,
     }
+
+
+def hop_timings(o: Output) -> dict[str, float | None]:
+    """Where a done output's time went outside the worker, in ms, from the store's
+    timestamps: ``dispatch`` from queued to sent by the ventilator (its last attempt)
+    and ``store`` from the result ready at the worker to its file written by the sink. With
+    the worker's ``queue`` (queued -> received) and ``total`` they add up to queued ->
+    finished; the hop to the worker is ``queue - dispatch``. They compare clocks of the
+    gateway, ventilator, worker and sink: across hosts, any skew shows in them. None
+    when not known (not done, or done from the result cache)."""
+    q, total = o.timings_ms.get("queue"), o.timings_ms.get("total")
+    if (o.state != "done" or o.cached or o.dispatched_at is None or o.finished_at is None
+            or q is None or total is None):
+        return {"dispatch": None, "store": None}
+    return {"dispatch": round((o.dispatched_at - o.queued_at) * 1000, 3),
+            "store": round((o.finished_at - o.queued_at) * 1000 - q - total, 3)}
 
 
 def output_url(job_id: str, n: int) -> str:

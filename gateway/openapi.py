@@ -47,7 +47,7 @@ SCHEMAS: dict[str, Any] = {
         "field": {"type": "string", "description": "the form field, parameter or header"}}},
     "Timings": {"type": "object", "properties": {
         k: _nullable("number", description="milliseconds")
-        for k in ("queue", "decode", "filters", "encode", "total")}},
+        for k in ("queue", "decode", "filters", "encode", "total", "dispatch", "store")}},
     "Output": {"type": "object", "required": ["n", "image", "ops", "state", "url"],
                "properties": {
                    "n": {"type": "integer", "minimum": 0},

@@ -8,7 +8,7 @@ from typing import Any
 from PIL import Image
 from rich.console import Console
 
-from imgpipe.bench import chart, report
+from imgpipe.bench import bench, chart, report
 
 
 def mode(name: str, kind: str, rate: float, workers: int | None = None) -> dict[str, Any]:
@@ -28,7 +28,9 @@ def sample(probe_ratio: float | None = 1.2) -> dict[str, Any]:
     probe = None if probe_ratio is None else {
         "mode": "pipeline-w2", "count": 5, "image": {"width": 3840, "height": 2160, "bytes": 1},
         "e2e_ms": {"p50": 60.0, "p95": 70.0}, "compute_ms": {"p50": 50.0, "p95": 55.0},
-        "ratio_p50": probe_ratio}
+        "ratio_p50": probe_ratio,
+        "e2e_split_ms": {"gateway": 5.0, "dispatch": 1.0, "to_worker": 1.0, "worker": 50.0,
+                         "store": 3.0}}
     return {"version": 1, "created": report.now_iso(), "machine": report.machine(),
             "config": {"images": 10, "size": "3840x2160", "ops": "resize:w=1920", "repeat": 3},
             "modes": modes, "latency_probe": probe, "stages_ms": {"decode": 10.0},
@@ -77,6 +79,23 @@ def test_table_prints_every_mode_and_the_goals() -> None:
     for name in ("naive-sequential", "limit", "pipeline-w2", "pipeline-w3", "boom",
                  "latency probe", "goal pipeline >= 0.85 x limit"):
         assert name in text
+    assert "where e2e went (ms, medians): gateway 5.0, dispatch 1.0, to worker 1.0" in text
+
+
+def test_e2e_split_takes_each_part_from_the_jobs_timings() -> None:
+    def doc(job: str, queue: float, total: float, dispatch: float | None, store: float
+            ) -> dict[str, Any]:
+        return {"id": job, "outputs": [{"timings_ms": {
+            "queue": queue, "total": total, "dispatch": dispatch, "store": store}}]}
+
+    timed = [(40.0, "/api/jobs/a"), (60.0, "/api/jobs/b"), (50.0, "/api/jobs/c"),
+             (70.0, None), (80.0, "/api/jobs/gone")]
+    docs = [doc("a", 4.0, 20.0, 1.0, 2.0), doc("b", 6.0, 30.0, 3.0, 4.0),
+            doc("c", 5.0, 25.0, None, 3.0)]  # c: from the cache, no dispatch
+    split = bench.e2e_split(timed, docs)
+    assert split == {"gateway": 17.0, "dispatch": 2.0, "to_worker": 3.0, "worker": 25.0,
+                     "store": 3.0}
+    assert bench.e2e_split(timed, []) is None
 
 
 def test_charts_are_written(tmp_path: Path) -> None:

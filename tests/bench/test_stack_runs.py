@@ -52,6 +52,13 @@ def test_bench_pipeline_with_one_worker(tmp_path: Path) -> None:
     assert probe["mode"] == "pipeline-w1" and probe["count"] == 2
     assert probe["image"] == {"width": 320, "height": 240, "bytes": probe["image"]["bytes"]}
     assert probe["ratio_p50"] is not None
+    # Where each probe request's time went, from its job's timings: every part named,
+    # and together they are the request's end-to-end time (the parts are medians of two
+    # requests, so they add up to the median of those two within rounding).
+    split = probe["e2e_split_ms"]
+    assert list(split) == ["gateway", "dispatch", "to_worker", "worker", "store"], split
+    assert split["worker"] > 0 and split["dispatch"] >= 0
+    assert sum(split.values()) == pytest.approx(probe["e2e_ms"]["p50"], abs=0.1)
     assert doc["goals"][0]["value"] is not None and doc["goals"][2]["value"] is not None
 
 
