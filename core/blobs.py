@@ -115,6 +115,12 @@ class Blobs(abc.ABC):
         """Store output ``n``, whole and durable once this returns; readers never see
         part of it, and a second write replaces the first."""
 
+    def prepare_outputs(self, job_id: str) -> None:
+        """Get ready for the outputs of ``job_id`` before they come (the gateway calls it
+        while the job runs); writing one works without it. An object store has nothing
+        to prepare."""
+        check_id(job_id)
+
     @abc.abstractmethod
     def open_output(self, job_id: str, n: int, fmt: str) -> BlobFile | None:
         """Output ``n`` open for streaming, or None when there is none."""
@@ -196,6 +202,11 @@ class DirBlobs(Blobs):
 
     def write_output(self, job_id: str, n: int, fmt: str, data: bytes | memoryview) -> None:
         write_atomic(self.output_path(job_id, n, fmt), data)
+
+    def prepare_outputs(self, job_id: str) -> None:
+        """The job's output folder, made ahead: creating a folder costs ~0.5 ms here,
+        which the sink would otherwise spend between a result and its answer."""
+        (self.root / "outputs" / check_id(job_id)).mkdir(exist_ok=True)
 
     def open_output(self, job_id: str, n: int, fmt: str) -> BlobFile | None:
         try:

@@ -111,6 +111,10 @@ class Store:
         directory blob store, on its filesystem, so :meth:`adopt_original` is a rename)."""
         return self._blobs.stage()
 
+    def prepare_outputs(self, job_id: str) -> None:
+        """Ready the blob store for the job's outputs (see :meth:`Blobs.prepare_outputs`)."""
+        self._blobs.prepare_outputs(job_id)
+
     def adopt_original(self, job_id: str, idx: int, fmt: str, tmp: Path) -> None:
         """Put a staged upload in place as original ``idx`` of ``job_id`` (the staged
         file is gone after)."""

@@ -80,6 +80,7 @@ class ProcessResource:
             job_id = self.record(upload, owner, cache=use_cache)
         self.pipeline.notify(job_id, upload.outputs)
         self.pipeline.stats.accepted()
+        prepare_outputs(self.store, job_id)
         resp.set_header("Location", f"/api/jobs/{job_id}")
         if upload.negotiated:  # the recorded chain depends on Accept
             resp.append_header("Vary", "Accept")
@@ -204,6 +205,16 @@ class OutputResource:
         if not n.isdigit() or len(n) > 6:
             raise NotFound(f"no output {n!r}: outputs are numbered from 0", field="n")
         serve_output(req, resp, self.store, check_id(job_id), int(n), owner=owner_of(req))
+
+
+def prepare_outputs(store: Store, job_id: str) -> None:
+    """Ready the job's output folder while the ventilator and a worker are busy with it:
+    off the path from a result to the answer. A failure here only leaves that to the
+    sink, so it is logged, not answered."""
+    try:
+        store.prepare_outputs(job_id)
+    except OSError as exc:
+        log.warning("could not prepare the outputs of %s: %s", job_id, exc)
 
 
 def serve_output(req: falcon.Request, resp: falcon.Response, store: Store, job_id: str,

@@ -80,6 +80,23 @@ def test_an_output_is_replaced_whole_and_streams_with_its_size(blobs: Blobs) -> 
     assert blobs.open_output(job, 0, "png") is None
 
 
+def test_outputs_prepared_ahead_are_written_and_removed_as_any(blobs: Blobs) -> None:
+    job = new_job_id()
+    blobs.prepare_outputs(job)
+    blobs.prepare_outputs(job)  # twice (a retried request) is fine
+    if isinstance(blobs, DirBlobs):  # the folder the sink would make, made ahead
+        assert (blobs.root / "outputs" / job).is_dir()
+    assert blobs.open_output(job, 0, "png") is None and blobs.bytes_used() == 0
+    blobs.write_output(job, 0, "png", b"out")
+    assert read(blobs, job, 0) == b"out"
+    blobs.remove_jobs([job])
+    assert read(blobs, job, 0) is None
+    if isinstance(blobs, DirBlobs):
+        assert not (blobs.root / "outputs" / job).exists()
+    with pytest.raises(NotFound):
+        blobs.prepare_outputs("../../etc")
+
+
 def test_a_linked_output_outlives_its_source(blobs: Blobs) -> None:
     first, second = new_job_id(), new_job_id()
     blobs.write_output(first, 1, "webp", b"cached bytes")

@@ -62,6 +62,8 @@ def test_submit_records_the_job_and_notifies_the_ventilator(gateway: Any, zctx: 
         assert [o["url"] for o in doc["outputs"]] == [
             f"/api/jobs/{doc['id']}/outputs/{n}" for n in range(3)]
         assert gateway.store.read_original(doc["id"], 0) == im.jpeg(seed=1)
+        # the output folder is made while the job runs, not by the sink after a result
+        assert (settings.data_dir / "outputs" / doc["id"]).is_dir()
         notice = decode(recv(intake))
         assert notice == Notice(job_id=doc["id"], outputs=3)
         assert gateway.client.simulate_get(f"/api/jobs/{doc['id']}").json == doc
