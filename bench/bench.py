@@ -192,35 +192,27 @@ def run_modes(modes: list[Mode], ns: argparse.Namespace, progress: Progress,
 
     Local modes are set up together and their passes interleaved (pass 1 of every mode,
     then pass 2, …), so a change of load on a shared machine hits every mode alike
-    instead of whichever ran last. A lone pipeline mode (one stack, or one ``--url``)
-    joins them: its stack is up from the start and idles while the others run, and
-    its passes take their turn in every round, so ``÷ limit`` compares passes seconds
-    apart. Several pipelines (a stack of 1, then 2, then 3 workers) cannot be up at
-    once: each runs after the local modes, with its stack up only while it runs.
+    instead of whichever ran last. Each pipeline keeps a stack up only while it runs.
     """
     tracks = [Track(m) for m in modes]
-    together = [t for t in tracks if not isinstance(t.mode, Pipeline)]
+    local = [t for t in tracks if not isinstance(t.mode, Pipeline)]
     pipes = [t for t in tracks if isinstance(t.mode, Pipeline)]
-    if len(pipes) == 1:
-        together, pipes = together + pipes, []
     probe: dict[str, Any] = {}
     try:
-        for t in together:
-            what = "starting the stack" if isinstance(t.mode, Pipeline) else "setting up"
-            progress.update(task, description=f"{t.mode.name}: {what}")
+        for t in local:
+            progress.update(task, description=f"{t.mode.name}: setting up")
             t.attempt("setup", t.mode.setup)
         for i in range(ns.repeat):
-            for t in together:
+            for t in local:
                 progress.update(task, description=f"{t.mode.name}: pass {i + 1}/{ns.repeat}")
                 t.pass_once()
                 progress.advance(task)
-        if ns.probe and together and isinstance(together[-1].mode, Pipeline):
-            _probe(together[-1], ns.probe, probe, progress, task)
     finally:
-        for t in together:
+        for t in local:
             t.mode.close()
     for t in pipes:
         mode = t.mode
+        assert isinstance(mode, Pipeline)
         try:
             progress.update(task, description=f"{mode.name}: starting the stack")
             t.attempt("setup", mode.setup)
@@ -228,19 +220,12 @@ def run_modes(modes: list[Mode], ns: argparse.Namespace, progress: Progress,
                 progress.update(task, description=f"{mode.name}: pass {i + 1}/{ns.repeat}")
                 t.pass_once()
                 progress.advance(task)
-            if ns.probe and t is pipes[-1]:
-                _probe(t, ns.probe, probe, progress, task)
+            if ns.probe and t is pipes[-1] and t.error is None:
+                progress.update(task, description=f"{mode.name}: latency probe")
+                t.attempt("probe", lambda m=mode: probe.update(latency_probe(m, ns.probe)))
         finally:
             mode.close()
     return [t.result() for t in tracks], probe
-
-
-def _probe(t: Track, count: int, into: dict[str, Any], progress: Progress, task: Any) -> None:
-    mode = t.mode
-    assert isinstance(mode, Pipeline)
-    if t.error is None:
-        progress.update(task, description=f"{mode.name}: latency probe")
-        t.attempt("probe", lambda: into.update(latency_probe(mode, count)))
 
 
 def latency_probe(mode: Pipeline, count: int) -> dict[str, Any]:

@@ -202,7 +202,6 @@ class RunResult:
     peak_rss_mb: float | None = None
     errors: list[str] = field(default_factory=list)
     out_sizes: list[tuple[int, int] | None] = field(default_factory=list)
-    started: float = 0.0  # when the pass began, epoch seconds (passes of modes interleave)
 
     @property
     def images_per_s(self) -> float:
@@ -211,7 +210,6 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "started": round(self.started, 3),
             "images": self.images,
             "wall_s": round(self.wall_s, 4),
             "images_per_s": round(self.images_per_s, 3),
@@ -286,7 +284,6 @@ def timed_run(fn: Any, images: int, *, monitor: bool = True,
     mon = ResourceMonitor(roots)
     if monitor:
         mon.__enter__()
-    started = time.time()
     t0 = time.perf_counter()
     try:
         latencies, sizes, errors, own_wall = fn()
@@ -300,4 +297,4 @@ def timed_run(fn: Any, images: int, *, monitor: bool = True,
                      cpu_s=mon.cpu_s if monitor else None,
                      cpu_by_component=mon.cpu_by_component() if monitor else {},
                      peak_rss_mb=mon.peak_rss / 1e6 if monitor else None,
-                     errors=errors, out_sizes=sizes, started=started)
+                     errors=errors, out_sizes=sizes)

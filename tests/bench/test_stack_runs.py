@@ -30,15 +30,11 @@ def stack() -> Iterator[LocalStack]:
 @pytest.mark.timeout(300)
 def test_bench_pipeline_with_one_worker(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    code = bench_main(["--images", "2", "--size", "320x240", "--repeat", "2", "--probe", "2",
+    code = bench_main(["--images", "2", "--size", "320x240", "--repeat", "1", "--probe", "2",
                        "--modes", "sequential,limit,pipeline-w1", "--json", str(out)])
     doc = json.loads(out.read_text())
     by = {m["mode"]: m for m in doc["modes"]}
     assert code == 0, by
-    # A lone pipeline takes its turn in every round with the local modes: sequential,
-    # limit, pipeline, then again, so a drift of the machine's load hits all alike.
-    order = sorted((r["started"], m["mode"]) for m in doc["modes"] for r in m["runs"])
-    assert [name for _, name in order] == ["sequential", "limit", "pipeline-w1"] * 2
     pipe = by["pipeline-w1"]
     assert pipe["kind"] == "pipeline" and pipe["workers"] == 1
     assert pipe["errors"] == 0 and pipe["undecodable"] == 0
