@@ -204,8 +204,9 @@ class DirBlobs(Blobs):
         write_atomic(self.output_path(job_id, n, fmt), data)
 
     def prepare_outputs(self, job_id: str) -> None:
-        """The job's output folder, made ahead: creating a folder costs ~0.5 ms here,
-        which the sink would otherwise spend between a result and its answer."""
+        """The job's output folder, made ahead, so the sink does not create it between
+        a result and its answer (one 200 KB ``write_output``: 1.40 ms with the folder
+        to make, 1.15 ms without, medians of 60 interleaved here)."""
         (self.root / "outputs" / check_id(job_id)).mkdir(exist_ok=True)
 
     def open_output(self, job_id: str, n: int, fmt: str) -> BlobFile | None:
