@@ -41,20 +41,12 @@ def check_spec(spec: str) -> str:
 
 def imgpipe_one(data: bytes, spec: str) -> bytes:
     """Decode (reduced when allowed) -> chain -> encode, as a worker does."""
-    from imgpipe.filters import apply_chain, codec
+    from imgpipe.filters import apply_chain
 
     chain = _chain(spec)
-    img, info = codec.decode_reduced(data, chain.reduce_factor, bgr=chain.order_free)
+    img, info = chain.decode_input(data)
     out = apply_chain(img, chain)
-    return _encode(out, chain, info.format)
-
-
-def _encode(img, chain, input_format: str) -> bytes:  # type: ignore[no-untyped-def]
-    from imgpipe.filters import EncodeParams, codec, output_format
-
-    enc = chain.encode or EncodeParams()  # as the worker's encode
-    fmt = output_format(input_format, enc.format)
-    return bytes(codec.encode(img, fmt, enc.quality, bgr=chain.order_free))
+    return bytes(chain.encode_output(out, info.format)[0])
 
 
 def stage_times(data: bytes, spec: str) -> dict[str, float]:
@@ -77,7 +69,7 @@ def stage_times(data: bytes, spec: str) -> dict[str, float]:
         img = apply_chain(img, parse_chain(part))
         out[f"{i}:{part.split(':')[0].strip()}"] = (time.perf_counter() - t) * 1000
     t = time.perf_counter()
-    _encode(img, chain, info.format)
+    chain.encode_output(img, info.format)
     out["encode"] = (time.perf_counter() - t) * 1000
     return out
 

@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from imgpipe.core.errors import FilterError, ImageTooLarge
-from imgpipe.filters.codec import DEFAULT_MAX_PIXELS, EncodeParams
+from imgpipe.filters import codec
+from imgpipe.filters.codec import DEFAULT_MAX_PIXELS, EncodeParams, ImageInfo
+from imgpipe.filters.formats import output_format
 from imgpipe.filters.geometry import ResizeParams, resize_scale, resize_size
 from imgpipe.filters.params import ParamError, Params, infos, quote
 from imgpipe.filters.pixels import Image, Target, check_image, writing_into
@@ -95,6 +97,23 @@ class Chain:
         a B, G, R frame (decoded and encoded by OpenCV without a swap) and give the same
         output bytes as on R, G, B."""
         return all(step.spec.is_order_free(step.params) for step in self.steps)
+
+    def decode_input(self, data: bytes | memoryview, *,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image, ImageInfo]:
+        """``data`` decoded for this chain: reduced when it shrinks enough
+        (:meth:`reduce_factor`), in B, G, R order when it is :attr:`order_free`, so that
+        :meth:`encode_output` needs no swap either. Pixel limit as ``decode_reduced``."""
+        return codec.decode_reduced(data, self.reduce_factor, max_pixels=max_pixels,
+                                    bgr=self.order_free)
+
+    def encode_output(self, img: Image, input_format: str, *, threads: int = 1
+                      ) -> tuple[bytes, str]:
+        """The chain's result ``img`` (as :meth:`decode_input` and the steps left it)
+        encoded with the chain's ``encode`` settings or the defaults: the bytes and
+        their format."""
+        enc = self.encode or EncodeParams()
+        fmt = output_format(input_format, enc.format)
+        return codec.encode(img, fmt, enc.quality, threads=threads, bgr=self.order_free), fmt
 
     def output_size(
         self, width: int, height: int, *, max_pixels: int | None = None

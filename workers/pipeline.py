@@ -37,12 +37,8 @@ from imgpipe.core.protocol import Result, Task
 from imgpipe.core.runtime import host_idle
 from imgpipe.filters import (
     MAX_FILTERS,
-    EncodeParams,
     apply_chain,
     content_type,
-    decode_reduced,
-    encode,
-    output_format,
     parse_chain,
 )
 from imgpipe.filters.chain import filters_ms, measured
@@ -159,11 +155,8 @@ def runs_inline(chain: Any, img: np.ndarray, inline_ms: float) -> bool:
 
 def _encode(img: np.ndarray, chain: Any, fmt_in: str, result: Result, idle_threads: int
             ) -> None:
-    enc = chain.encode or EncodeParams()
-    fmt = output_format(fmt_in, enc.format)
     t = time.perf_counter()
-    data = encode(img, fmt, enc.quality, threads=max(1, lent_threads(idle_threads)),
-                  bgr=chain.order_free)
+    data, fmt = chain.encode_output(img, fmt_in, threads=max(1, lent_threads(idle_threads)))
     result.timings["encode"] = (time.perf_counter() - t) * 1000
     result.ok = True
     result.payload = data
@@ -180,8 +173,7 @@ def decode_checked(data: Any, chain: Any, max_pixels: int
 
     The pixel limit is checked from the header before anything is decoded, for the
     input and for every step's output size."""
-    img, info = decode_reduced(data, chain.reduce_factor, max_pixels=max_pixels,
-                               bgr=chain.order_free)
+    img, info = chain.decode_input(data, max_pixels=max_pixels)
     height, width = img.shape[:2]
     return img, info.format, chain.output_size(width, height, max_pixels=max_pixels)
 

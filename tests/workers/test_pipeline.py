@@ -157,10 +157,11 @@ def test_a_lone_task_on_an_idle_host_asks_for_more_threads(
         idle: bool, sent: int, bands: int) -> None:
     """The pool's threads for the filters, the encoder's bands for the JPEG."""
     import imgpipe.workers.pipeline as pipeline
+    from imgpipe.filters import codec
 
     asked: list[int] = []
     encoded: list[int] = []
-    run, encode = pool.run, pipeline.encode
+    run, encode = pool.run, codec.encode
 
     def spy(*args: Any, **kw: Any) -> Any:
         asked.append(kw["threads"])
@@ -172,7 +173,7 @@ def test_a_lone_task_on_an_idle_host_asks_for_more_threads(
 
     monkeypatch.setattr(pipeline, "host_idle", lambda: idle)
     monkeypatch.setattr(pool, "run", spy)
-    monkeypatch.setattr(pipeline, "encode", spy_encode)
+    monkeypatch.setattr(codec, "encode", spy_encode)  # the chain's encode_output calls it
     data, ops = jpeg(640, 400, seed=4), "blur:radius=2|brightness:factor=1.1"
     lending = Options(worker="test-1", max_pixels=50_000_000, idle_threads=2)
     result = process_task(task(data, ops), pool, buffers, lending)
